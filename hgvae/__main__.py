@@ -1,0 +1,3 @@
+from hgvae.cli import main
+
+raise SystemExit(main())
