@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[train,serve,dev]"
+	$(PY) -m pip install -q -e ".[train,serve,dev,spark]"
 	touch $@
 
 venv: $(VENV)/.installed
