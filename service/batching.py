@@ -81,7 +81,8 @@ class BatchQueue:
         rows = int(lattice.shape[0])
         if self._queued_rows + rows > self.max_queue_rows:
             raise ResourceExhausted(
-                f"model {self.name}: queue full ({self._queued_rows} lattices waiting, limit {self.max_queue_rows}); retry later"
+                f"model {self.name}: queue full ({self._queued_rows} lattices waiting,"
+                f" limit {self.max_queue_rows}); retry later"
             )
         fut = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(lattice, tuple(outputs) if outputs else None, fut, time.perf_counter()))

@@ -27,7 +27,8 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STD)
-        base = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname.lower():7s} {record.getMessage()}"
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        base = f"{stamp} {record.levelname.lower():7s} {record.getMessage()}"
         return f"{base} {extras}".rstrip() + (("\n" + self.formatException(record.exc_info)) if record.exc_info else "")
 
 
