@@ -29,7 +29,7 @@ from service.runtime import INPUT_NAME
 log = logging.getLogger("hgvae.service.rpc")
 
 _V2_TYPES = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32"}
-STREAM_WINDOW = 256  # stream requests in flight per stream before reading pauses (back-pressure)
+STREAM_WINDOW = 64  # stream requests in flight per stream before reading pauses (bounds memory per stream)
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
