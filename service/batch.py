@@ -1,0 +1,185 @@
+"""Batch scoring of .npz files (`hgvae score`), locally on onnxruntime or through a running server.
+
+Memory stays flat on large files: `angles` is read from the .npz member chunk by chunk (works for
+stored and deflated members), outputs go to disk-backed .npy memmaps, and the final .npz is written
+atomically (training.dataset.atomic_savez streams memmaps in 16 MiB pieces). No torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.dataset import DatasetError, atomic_savez, check_writable
+
+
+class LatticeReader:
+    """Streams `angles` [N, L, L] out of an .npz without loading it whole; `temperature` is read fully."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DatasetError(f"{self.path}: no such file")
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise DatasetError(f"{self.path}: not a readable .npz file ({exc})") from exc
+        names = self._zip.namelist()
+        if "angles.npy" not in names:
+            found = ", ".join(n.removesuffix(".npy") for n in names) or "none"
+            raise DatasetError(f"{self.path}: no 'angles' array (found: {found})")
+        with self._zip.open("angles.npy") as fh:
+            try:
+                shape, fortran, dtype = _read_header(fh)
+            except ValueError as exc:
+                raise DatasetError(f"{self.path}: 'angles' is not a valid .npy array ({exc})") from exc
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise DatasetError(f"{self.path}: 'angles' must have shape [N, L, L], got {list(shape)}")
+        if shape[0] == 0:
+            raise DatasetError(f"{self.path}: 'angles' holds no configurations")
+        if dtype.kind != "f" or dtype.hasobject:
+            raise DatasetError(f"{self.path}: 'angles' must be floating point, got {dtype}")
+        if fortran:
+            raise DatasetError(f"{self.path}: 'angles' is stored in Fortran order; re-save it in C order")
+        self.shape: tuple[int, int, int] = tuple(int(d) for d in shape)  # type: ignore[assignment]
+        self.dtype = dtype
+        self.temperature = self._read_small("temperature")
+        if self.temperature is not None:
+            self.temperature = np.asarray(self.temperature, dtype=np.float32).reshape(-1)
+            if len(self.temperature) != self.shape[0]:
+                raise DatasetError(
+                    f"{self.path}: 'temperature' has {len(self.temperature)} entries for {self.shape[0]} configurations"
+                )
+        meta = self._read_small("metadata")
+        self.metadata: str = str(meta) if meta is not None else "{}"
+
+    def _read_small(self, name: str) -> np.ndarray | None:
+        if f"{name}.npy" not in self._zip.namelist():
+            return None
+        with self._zip.open(f"{name}.npy") as fh:
+            return np.lib.format.read_array(fh, allow_pickle=False)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def lattice_size(self) -> int:
+        return self.shape[1]
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """float32 [<=rows, L, L] pieces in order; raises DatasetError on non-finite values."""
+        n, L, _ = self.shape
+        row_bytes = L * L * self.dtype.itemsize
+        with self._zip.open("angles.npy") as fh:
+            _read_header(fh)
+            for start in range(0, n, rows):
+                take = min(rows, n - start)
+                buf = fh.read(take * row_bytes)
+                if len(buf) != take * row_bytes:
+                    raise DatasetError(f"{self.path}: 'angles' is truncated at configuration {start}")
+                x = np.frombuffer(buf, dtype=self.dtype).reshape(take, L, L).astype(np.float32)
+                bad = ~np.isfinite(x)
+                if bad.any():
+                    first = start + int(np.argwhere(bad.reshape(take, -1).any(axis=1))[0, 0])
+                    raise DatasetError(f"{self.path}: 'angles' has non-finite values (first in configuration {first})")
+                yield x
+
+    def close(self) -> None:
+        self._zip.close()
+
+
+def _read_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fh)
+    return np.lib.format._read_array_header(fh, version)  # 3.0 (utf-8 headers) has no public reader
+
+
+ScoreFn = Callable[[Iterator[np.ndarray]], Iterator[dict[str, np.ndarray]]]
+
+
+def score_file(
+    input_path: str | Path,
+    output_path: str | Path,
+    score_chunks: ScoreFn,
+    chunk_rows: int = 256,
+    force: bool = False,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+    expect_size: int | None = None,
+) -> dict[str, Any]:
+    """Score every configuration of input_path; write one array per output (+ temperature, metadata)."""
+    output_path = check_writable(output_path, force)
+    reader = LatticeReader(input_path)
+    if expect_size is not None and reader.lattice_size != expect_size:
+        raise DatasetError(
+            f"{input_path}: lattices are {reader.lattice_size}x{reader.lattice_size}, the model expects "
+            f"{expect_size}x{expect_size}"
+        )
+    from tqdm import tqdm
+
+    n = len(reader)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    outputs: dict[str, np.memmap] = {}
+    try:
+        bar = tqdm(total=n, unit="lattice", desc="scoring", disable=not progress, dynamic_ncols=True)
+        start = 0
+        with bar:
+            for result in score_chunks(reader.chunks(chunk_rows)):
+                rows = None
+                for name, arr in result.items():
+                    if name not in outputs:
+                        outputs[name] = np.lib.format.open_memmap(
+                            tmp / f"{name}.npy", mode="w+", dtype=arr.dtype, shape=(n, *arr.shape[1:])
+                        )
+                    rows = arr.shape[0] if rows is None else rows
+                    if arr.shape[0] != rows:
+                        raise RuntimeError(f"output {name!r} returned {arr.shape[0]} rows, expected {rows}")
+                    outputs[name][start : start + rows] = arr
+                start += rows or 0
+                bar.update(rows or 0)
+        if start != n:
+            raise RuntimeError(f"scored {start} of {n} configurations")
+        arrays: dict[str, Any] = dict(outputs)
+        if reader.temperature is not None:
+            arrays["temperature"] = reader.temperature
+        meta = {"input": str(input_path), "configurations": n, **(metadata or {})}
+        arrays["metadata"] = np.array(json.dumps(meta))
+        for m in outputs.values():
+            m.flush()
+        atomic_savez(output_path, force=force, **arrays)
+    finally:
+        reader.close()
+        outputs.clear()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"configurations": n, "outputs": sorted(arrays) if start == n else [], "path": str(output_path)}
+
+
+def local_scorer(model: Any, outputs: Sequence[str] | None) -> ScoreFn:
+    """Score chunks with an in-process service.runtime.OnnxModel."""
+
+    def run(chunks: Iterator[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for x in chunks:
+            yield model.predict(x, outputs)
+
+    return run
+
+
+def remote_scorer(client: Any, outputs: Sequence[str] | None, model: str = "", version: str = "") -> ScoreFn:
+    """Score chunks through one ScoreStream (pipelined: the server works while the next chunk travels)."""
+
+    def run(chunks: Iterator[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for result in client.score_stream(chunks, model=model, version=version, outputs=outputs, timeout=None):
+            yield result.outputs
+
+    return run
+

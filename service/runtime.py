@@ -1,0 +1,217 @@
+"""onnxruntime wrapper shaped like MLServer's MLModel: load (with warm-up), predict, unload, metadata.
+
+No protobuf and no torch here: numpy arrays in, dicts of numpy arrays out. Metadata comes from the
+ONNX graph itself (input/output specs and `metadata_props`), so a model file is self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidInput, ModelLoadError
+
+log = logging.getLogger("hgvae.service.runtime")
+
+INPUT_NAME = "lattice"
+# The ONNX contract (shared/design.md): every hgvae model has exactly these outputs.
+OUTPUT_NAMES = (
+    "latent_mean",
+    "latent_logvar",
+    "theta",
+    "sigma",
+    "energy",
+    "energy_recon",
+    "energy_discrepancy",
+    "nll",
+    "vortex_density",
+    "anomaly_score",
+    "anomaly_map",
+)
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name, e.g. "float32"
+    shape: tuple[int, ...]  # -1 for a variable dimension
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    lattice_size: int
+    model_kind: str
+    latent_dim: int
+    run_id: str
+    calibration: str  # JSON text, "" when absent
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    props: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+
+def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _session_options(intra_op_threads: int, quiet: bool = False) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one run at a time per model; parallelism inside ops
+    so.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    # Spinning workers burn the cores that the gRPC event loop needs between runs.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3 if quiet else 2
+    return so
+
+
+def create_session(path: str | Path, device: str = "auto", intra_op_threads: int = 0) -> Any:
+    """An InferenceSession on CUDA when that provider actually loads, else on CPU, without error spam."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # no warnings about provider fallbacks or node placement
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        try:
+            sess = ort.InferenceSession(
+                str(path),
+                _session_options(intra_op_threads, quiet=True),
+                providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            )
+            if sess.get_providers()[0] == "CUDAExecutionProvider":
+                return sess
+            reason = "CUDA provider did not load (missing CUDA/cuDNN libraries or no GPU)"
+        except Exception as exc:  # a broken CUDA install must not stop a CPU server
+            reason = f"CUDA provider failed: {exc}"
+        if device == "cuda":
+            raise ModelLoadError(f"--device cuda requested but {reason}")
+        log.info("using CPUExecutionProvider", extra={"reason": reason})
+    elif device == "cuda":
+        raise ModelLoadError(f"--device cuda requested but onnxruntime offers only {available}")
+    try:
+        return ort.InferenceSession(str(path), _session_options(intra_op_threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelLoadError(f"onnxruntime cannot open {path}: {exc}") from exc
+
+
+def read_metadata(sess: Any, path: str | Path) -> ModelMetadata:
+    inputs = tuple(TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape)) for i in sess.get_inputs())
+    outputs = tuple(TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), _dims(o.shape)) for o in sess.get_outputs())
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME or len(inputs[0].shape) != 3 or inputs[0].dtype != "float32":
+        raise ModelLoadError(f"{path}: expected one float32 input '{INPUT_NAME}' [batch, L, L], got {inputs}")
+    props = dict(sess.get_modelmeta().custom_metadata_map)
+    size = inputs[0].shape[1]
+    try:
+        size = int(props.get("hgvae.lattice_size", size))
+        latent = int(props.get("hgvae.latent_dim", outputs[0].shape[-1] if outputs else -1))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: bad hgvae metadata ({exc})") from exc
+    if size <= 0:
+        raise ModelLoadError(f"{path}: lattice size unknown (no hgvae.lattice_size and a dynamic input shape)")
+    calibration = props.get("hgvae.calibration", "")
+    if calibration:
+        try:
+            json.loads(calibration)
+        except json.JSONDecodeError:
+            log.warning("hgvae.calibration is not valid JSON", extra={"path": str(path)})
+    # The input's spatial dims may be exported as dynamic; the metadata pins them.
+    inputs = (TensorSpec(INPUT_NAME, "float32", (-1, size, size)),)
+    return ModelMetadata(
+        lattice_size=size,
+        model_kind=props.get("hgvae.model_kind", ""),
+        latent_dim=latent,
+        run_id=props.get("hgvae.run_id", ""),
+        calibration=calibration,
+        inputs=inputs,
+        outputs=outputs,
+        props=props,
+    )
+
+
+class OnnxModel:
+    """One loaded model version. `predict` is thread-safe (onnxruntime sessions are)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        name: str,
+        version: str,
+        source: str = "",
+        device: str = "auto",
+        intra_op_threads: int = 0,
+        warmup_rows: int = 8,
+    ) -> None:
+        self.path = Path(path)
+        self.name, self.version, self.source = name, version, source or str(path)
+        self.device, self.intra_op_threads, self.warmup_rows = device, intra_op_threads, warmup_rows
+        self.ready = False
+        self._session: Any = None
+        self.metadata: ModelMetadata | None = None
+        self.provider = ""
+
+    def load(self) -> bool:
+        """Open the session, read metadata, run warm-up batches; True when ready to serve."""
+        t0 = time.perf_counter()
+        if not self.path.is_file():
+            raise ModelLoadError(f"model file {self.path} does not exist")
+        self._session = create_session(self.path, self.device, self.intra_op_threads)
+        self.provider = self._session.get_providers()[0]
+        self.metadata = read_metadata(self._session, self.path)
+        names = self.metadata.output_names
+        # Warm-up: first runs allocate arenas and pick kernels; do it before health says SERVING.
+        L = self.metadata.lattice_size
+        rng = np.random.default_rng(0)
+        for rows in sorted({1, max(1, self.warmup_rows)}):
+            out = self._session.run(
+                list(names), {INPUT_NAME: rng.uniform(0, 2 * np.pi, (rows, L, L)).astype(np.float32)}
+            )
+            if any(o.shape[0] != rows for o in out):
+                raise ModelLoadError(f"{self.path}: outputs do not keep the batch dimension during warm-up")
+        self.ready = True
+        log.info(
+            "model loaded",
+            extra={
+                "model": self.name,
+                "version": self.version,
+                "provider": self.provider,
+                "lattice_size": L,
+                "seconds": round(time.perf_counter() - t0, 3),
+            },
+        )
+        return True
+
+    def check_outputs(self, outputs: Sequence[str] | None) -> tuple[str, ...]:
+        assert self.metadata is not None
+        if not outputs:
+            return self.metadata.output_names
+        unknown = [o for o in outputs if o not in self.metadata.output_names]
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {unknown}; this model has {list(self.metadata.output_names)}")
+        return tuple(dict.fromkeys(outputs))  # de-duplicated, order kept
+
+    def predict(self, lattice: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the graph on float32 [n, L, L]; returns the requested outputs (all when None)."""
+        if self._session is None:
+            raise ModelLoadError(f"model {self.name} version {self.version} is not loaded")
+        names = self.check_outputs(outputs)
+        result = self._session.run(list(names), {INPUT_NAME: lattice})
+        return dict(zip(names, result, strict=True))
+
+    def unload(self) -> None:
+        self.ready = False
+        self._session = None

@@ -1,0 +1,274 @@
+"""Thin gRPC transports over the DataPlane: hgvae.v1 ScoringService and KServe V2 GRPCInferenceService.
+
+They only convert protobuf <-> numpy and map errors to status codes (one decorator), never hold logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service.dataplane import DataPlane, decode_lattices
+from service.errors import InvalidInput, ModelNotFound, ServiceError
+from service.gen import grpc_predict_v2_pb2 as v2
+from service.gen import grpc_predict_v2_pb2_grpc as v2_grpc
+from service.gen.hgvae.v1 import scoring_pb2 as pb
+from service.gen.hgvae.v1 import scoring_pb2_grpc as pb_grpc
+from service.metrics import Metrics
+from service.models import ServedModel
+from service.runtime import INPUT_NAME
+
+log = logging.getLogger("hgvae.service.rpc")
+
+_V2_TYPES = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32"}
+STREAM_WINDOW = 64  # stream requests in flight per stream before reading pauses (bounds memory per stream)
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else float(remaining)
+
+
+def rpc(method: str) -> Callable:
+    """Map ServiceError to its status (with its message), anything else to INTERNAL; record metrics."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                return await fn(self, request, context)
+            except ServiceError as exc:
+                code = exc.code.name
+                await context.abort(exc.code, exc.message)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = "INTERNAL"
+                log.exception("unhandled error", extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                self.metrics.observe(method, code, time.perf_counter() - t0)
+
+        return wrapper
+
+    return deco
+
+
+def tensor(arr: np.ndarray) -> pb.Tensor:
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return pb.Tensor(shape=arr.shape, dtype=str(arr.dtype.name), data=arr.tobytes())
+
+
+def model_info(served: ServedModel, max_batch_size: int) -> pb.ModelInfo:
+    m = served.model
+    meta = m.metadata
+    assert meta is not None
+    return pb.ModelInfo(
+        name=served.source.name,
+        version=served.version,
+        source=served.source.uri,
+        alias=served.source.alias,
+        lattice_size=meta.lattice_size,
+        model_kind=meta.model_kind,
+        latent_dim=meta.latent_dim,
+        run_id=meta.run_id,
+        calibration=meta.calibration,
+        inputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape) for t in meta.inputs],
+        outputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape) for t in meta.outputs],
+        ready=m.ready,
+        max_batch_size=max_batch_size,
+        provider=m.provider,
+        metadata=meta.props,
+    )
+
+
+class ScoringServicer(pb_grpc.ScoringServiceServicer):
+    def __init__(self, dataplane: DataPlane, metrics: Metrics, max_batch_size: int) -> None:
+        self.dp, self.metrics, self.max_batch_size = dataplane, metrics, max_batch_size
+
+    async def _score(self, request: pb.ScoreRequest, timeout: float | None) -> pb.ScoreResponse:
+        t = request.lattices
+        x = decode_lattices(t.shape, t.data, t.dtype, self.dp.max_request_rows)
+        res = await self.dp.infer(request.model, request.version, x, list(request.outputs), timeout)
+        return pb.ScoreResponse(
+            model=res.model,
+            version=res.version,
+            request_id=request.request_id,
+            outputs={k: tensor(v) for k, v in res.outputs.items()},
+        )
+
+    @rpc("Score")
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        return await self._score(request, _timeout(context))
+
+    async def _score_message(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return await self._score(request, _timeout(context))
+        except ServiceError as exc:  # a bad message answers with an error; the stream carries on
+            code = exc.code.name
+            return pb.ScoreResponse(
+                request_id=request.request_id, error=pb.Error(code=exc.code.value[0], message=exc.message)
+            )
+        except Exception as exc:
+            code = "INTERNAL"
+            log.exception("unhandled error", extra={"method": "ScoreStream"})
+            return pb.ScoreResponse(
+                request_id=request.request_id,
+                error=pb.Error(
+                    code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {type(exc).__name__}: {exc}"
+                ),
+            )
+        finally:
+            self.metrics.observe("ScoreStream.message", code, time.perf_counter() - t0)
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResponse]:
+        """Read ahead (so a stream's requests batch together), answer in request order."""
+        t0 = time.perf_counter()
+        window: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
+        code = "OK"
+
+        async def reader() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.put(asyncio.ensure_future(self._score_message(request, context)))
+            finally:
+                await window.put(None)
+
+        read_task = asyncio.ensure_future(reader())
+        try:
+            while True:
+                task = await window.get()
+                if task is None:
+                    break
+                yield await task
+            await read_task  # surfaces a broken request stream
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            read_task.cancel()
+            while not window.empty():
+                task = window.get_nowait()
+                if task is not None:
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await read_task
+            self.metrics.observe("ScoreStream", code, time.perf_counter() - t0)
+
+    @rpc("GetModelInfo")
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return model_info(self.dp.model(request.model, request.version), self.max_batch_size)
+
+    @rpc("ListModels")
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[model_info(s, self.max_batch_size) for s in self.dp.models.current.values()]
+        )
+
+
+class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
+    """KServe V2 / Open Inference Protocol (what tritonclient.grpc speaks)."""
+
+    def __init__(self, dataplane: DataPlane, metrics: Metrics) -> None:
+        self.dp, self.metrics = dataplane, metrics
+
+    @rpc("ServerLive")
+    async def ServerLive(
+        self, request: v2.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=self.dp.live())
+
+    @rpc("ServerReady")
+    async def ServerReady(
+        self, request: v2.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> v2.ServerReadyResponse:
+        return v2.ServerReadyResponse(ready=self.dp.ready())
+
+    @rpc("ModelReady")
+    async def ModelReady(
+        self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> v2.ModelReadyResponse:
+        return v2.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
+
+    @rpc("ServerMetadata")
+    async def ServerMetadata(
+        self, request: v2.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(**self.dp.server_metadata())
+
+    @rpc("ModelMetadata")
+    async def ModelMetadata(
+        self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> v2.ModelMetadataResponse:
+        if not request.name:
+            raise InvalidInput("model name is required")
+        served = self.dp.model(request.name, request.version)
+        meta = served.model.metadata
+        assert meta is not None
+
+        def spec(t: Any) -> v2.ModelMetadataResponse.TensorMetadata:
+            return v2.ModelMetadataResponse.TensorMetadata(
+                name=t.name, datatype=_V2_TYPES.get(t.dtype, t.dtype), shape=t.shape
+            )
+
+        return v2.ModelMetadataResponse(
+            name=served.source.name,
+            versions=[served.version],
+            platform="onnxruntime_onnx",
+            inputs=[spec(t) for t in meta.inputs],
+            outputs=[spec(t) for t in meta.outputs],
+        )
+
+    @rpc("ModelInfer")
+    async def ModelInfer(
+        self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> v2.ModelInferResponse:
+        if not request.model_name:
+            raise InvalidInput("model_name is required")
+        if request.model_name not in self.dp.models.sources:
+            raise ModelNotFound(
+                f"model {request.model_name!r} is not served; served models: {sorted(self.dp.models.sources)}"
+            )
+        if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
+            raise InvalidInput(
+                f"expected exactly one input named {INPUT_NAME!r}, got {[i.name for i in request.inputs]}"
+            )
+        inp = request.inputs[0]
+        if inp.datatype != "FP32":
+            raise InvalidInput(f"input {INPUT_NAME!r} must have datatype FP32, got {inp.datatype!r}")
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != 1:
+                raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents entries for 1 input")
+            data = request.raw_input_contents[0]
+        else:
+            c = inp.contents
+            others = [f.name for f, _ in c.ListFields() if f.name != "fp32_contents"]
+            if others:
+                raise InvalidInput(f"FP32 input carries {others}; use fp32_contents or raw_input_contents")
+            data = np.asarray(c.fp32_contents, dtype="<f4").tobytes()
+        x = decode_lattices(inp.shape, data, "float32", self.dp.max_request_rows)
+        outputs = [o.name for o in request.outputs]
+        res = await self.dp.infer(request.model_name, request.model_version, x, outputs, _timeout(context))
+        response = v2.ModelInferResponse(model_name=res.model, model_version=res.version, id=request.id)
+        for name, arr in res.outputs.items():
+            arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+            response.outputs.add(name=name, datatype=_V2_TYPES.get(arr.dtype.name, arr.dtype.name), shape=arr.shape)
+            response.raw_output_contents.append(arr.tobytes())
+        return response
