@@ -102,26 +102,31 @@ def spark_session(master: str | None = None, conf: Mapping[str, str] | None = No
 def load_model_bytes(model: str, tracking_uri: str | None = None) -> tuple[bytes, str]:
     """ONNX bytes of a local .onnx file, a directory holding one, or an MLflow models:/ or runs:/ URI.
 
-    Returns (bytes, where they came from). Resolution happens once, on the driver: executors never
-    talk to the registry, so a model that moves mid-job cannot mix two versions in one output.
+    Returns (bytes, what was resolved, e.g. "models:/hgvae@champion (version 3)"). Resolution uses the
+    service's resolver and happens once, on the driver: executors never talk to the registry, so an
+    alias that moves mid-job cannot mix two versions in one output.
     """
     path = Path(model)
-    if "://" not in model and not model.startswith(("models:", "runs:")):
+    if not model.startswith(("models:/", "runs:/")):
         if not path.exists():
             raise SparkScoringError(f"model {model} does not exist")
         return _read_onnx(path), str(path.resolve())
-    try:
-        import mlflow
-    except ImportError as exc:  # pragma: no cover
-        raise SparkScoringError("resolving MLflow URIs needs mlflow-skinny (the serve or spark extra)") from exc
-    from hgvae.paths import tracking_uri as default_tracking_uri
+    from service.errors import ModelLoadError
+    from service.models import Resolver, parse_source
 
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model,
-                                                    tracking_uri=default_tracking_uri(tracking_uri))
-    except Exception as exc:
-        raise SparkScoringError(f"cannot resolve model {model}: {_first_line(exc)}") from exc
-    return _read_onnx(Path(local)), model
+        src = parse_source(model)
+    except ValueError as exc:
+        raise SparkScoringError(str(exc)) from None
+    resolver = Resolver(tracking_uri)
+    try:
+        version = resolver.current_version(src)
+        data = _read_onnx(resolver.fetch(src, version))
+    except ModelLoadError as exc:
+        raise SparkScoringError(str(exc)) from None
+    finally:
+        resolver.close()
+    return data, f"{model} (version {version})" if src.kind in ("alias", "version") else model
 
 
 def _read_onnx(path: Path) -> bytes:
@@ -381,3 +386,31 @@ def _claim(marker: str) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def run_cli(args: Any) -> int:
+    """`hgvae score --engine spark`: the argparse namespace of hgvae/commands/score.py."""
+    from hgvae.cli import UsageError
+
+    if args.server:
+        raise UsageError("--server scores through a running service; --engine spark runs the model itself")
+    conf: dict[str, str] = {}
+    for item in args.spark_conf or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--spark-conf expects KEY=VALUE, got {item!r}")
+        conf[key.strip()] = value.strip()
+    if args.no_progress:
+        conf.setdefault("spark.ui.showConsoleProgress", "false")
+    outputs = [o.strip() for o in args.outputs.split(",") if o.strip()] if args.outputs else None
+    try:
+        spark = spark_session(args.spark_master, conf) if (args.spark_master or conf) else spark_session()
+        result = score_parquet(args.input, args.output, args.model or "models:/hgvae@champion", spark=spark,
+                               outputs=outputs, batch_size=args.batch_size, overwrite=args.force,
+                               tracking_uri=args.tracking_uri)
+    except SparkScoringError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"scored {result.rows} configurations with {result.model} on Spark {spark.sparkContext.master} "
+          f"in {result.seconds:.1f} s ({result.rows_per_second:.0f}/s) -> {result.output}")
+    return 0

@@ -353,3 +353,31 @@ def test_healthcheck_script_against_a_real_grpc_health_server() -> None:
     gone = subprocess.run(script, capture_output=True, text=True, timeout=30)
     assert (not_serving.returncode, serving.returncode, gone.returncode) == (1, 0, 1)
     assert "NOT_SERVING" in not_serving.stderr and "UNAVAILABLE" in gone.stderr
+
+
+def test_configured_settings_are_real_service_settings(monkeypatch) -> None:
+    """Every HGVAE_* value the manifests set is a field the service reads, and it validates."""
+    pytest.importorskip("pydantic_settings")
+    from service.settings import ServerSettings
+
+    (configmap,) = by_kind("ConfigMap")
+    (secret,) = by_kind("Secret")
+    (deployment,) = by_kind("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = configmap["data"] | secret["stringData"] | {e["name"]: e["value"] for e in container["env"]}
+    env |= {k: str(v) for k, v in yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["hgvae"]
+            ["environment"].items()}
+    fields = {f"HGVAE_{name.upper()}" for name in ServerSettings.model_fields}
+    unknown = {k for k in env if k.startswith("HGVAE_") and k not in fields} - {"HGVAE_MODEL_URI"}
+    assert not unknown, f"not service settings: {unknown}"  # HGVAE_MODEL_URI only feeds --model
+    monkeypatch.chdir(ROOT / "deploy")  # no stray .env
+    for key, value in configmap["data"].items() | secret["stringData"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HGVAE_METRICS_PORT", "9090")
+    settings = ServerSettings(models=["models:/hgvae@champion"])
+    assert settings.max_batch_size == int(configmap["data"]["HGVAE_MAX_BATCH_SIZE"])
+    assert settings.auth_token == secret["stringData"]["HGVAE_AUTH_TOKEN"]
+    assert settings.metrics_port == 9090
+    # the pod gets SIGTERM after the preStop pause; in-flight requests need grace_s inside the budget
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pre_stop + settings.grace_s < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

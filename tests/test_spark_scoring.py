@@ -195,3 +195,19 @@ def test_bad_input_gets_a_clear_error(spark, data) -> None:
         score_parquet(tmp / "missing.parquet", tmp / "o5", str(data["model"]), spark=spark)
     with pytest.raises(SparkScoringError, match="does not exist"):
         score_parquet(data["input"], tmp / "o6", str(tmp / "missing.onnx"), spark=spark)
+
+
+def test_hgvae_score_engine_spark_cli(spark, data, capsys) -> None:
+    from hgvae.cli import main
+
+    out = data["tmp"] / "scores-cli"
+    # in-process: the CLI picks up this module's active session instead of starting another JVM
+    code = main(["score", "--engine", "spark", "--input", str(data["input"]), "--output", str(out),
+                 "--model", str(data["model"]), "--outputs", "energy,anomaly_score"])
+    assert code == 0, capsys.readouterr().err
+    assert f"scored {N} configurations" in capsys.readouterr().out
+    assert_matches_reference(read_sorted(out), data, outputs=["energy", "anomaly_score"])
+    code = main(["score", "--engine", "spark", "--input", str(data["input"]), "--output", str(out),
+                 "--model", str(data["model"])])
+    err = capsys.readouterr().err
+    assert code == 2 and "exists" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

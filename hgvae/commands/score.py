@@ -13,8 +13,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score", help=HELP, description=HELP + ".", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--input", required=True, help="data set .npz with 'angles' [N, L, L] (optional 'temperature')")
-    p.add_argument("--output", required=True, help="scores .npz to write (atomically)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="data set .npz with 'angles' [N, L, L] (optional 'temperature'); with --engine spark: Parquet "
+        "file/directory, rows with 'angles' list<float32> of L*L values (optional 'id', 'temperature')",
+    )
+    p.add_argument("--output", required=True, help="scores .npz to write (atomically); Parquet directory with spark")
+    p.add_argument(
+        "--engine",
+        choices=("local", "spark"),
+        default="local",
+        help="local: this process or --server; spark: score Parquet partitions on Apache Spark executors",
+    )
+    p.add_argument("--spark-master", help="with --engine spark: master URL (default HGVAE_SPARK_MASTER or local[*,2])")
+    p.add_argument(
+        "--spark-conf", action="append", metavar="KEY=VALUE", help="with --engine spark: a Spark setting, repeatable"
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--server", metavar="HOST:PORT", help="score through a running `hgvae serve`")
     where.add_argument(
@@ -45,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if args.engine == "spark":
+        from service.spark_scoring import run_cli
+
+        return run_cli(args)
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()] if args.outputs else None
     if outputs:
         unknown = [o for o in outputs if o not in OUTPUT_NAMES]
