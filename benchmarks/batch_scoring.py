@@ -1,0 +1,132 @@
+"""Batch scoring throughput: local (`hgvae score`, in-process onnxruntime) vs Spark local[2], same input.
+
+    python benchmarks/batch_scoring.py [--n 100000] [--size 32] [--model URI|.onnx] [--outputs scalars|all|a,b]
+
+Both engines score the same N random L x L lattices (the local engine from .npz, Spark from Parquet) with
+the same model and outputs, writing their output files; times include reading and writing. Local runs
+with 1 and with 2 onnxruntime threads; Spark local[2] runs two tasks of one thread each. The Spark JVM
+start is reported apart (paid once per application, not per job).
+
+Spark overhead ratio = local lattices/s (2 threads) / Spark lattices/s on the same two cores: 1.0 means
+Spark costs nothing; above 1 is what Arrow transfer, Python workers and Parquet cost on one machine.
+On a cluster Spark's rate scales with executors, which the local engine cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCALARS = ["latent_mean", "latent_logvar", "energy", "energy_recon", "energy_discrepancy", "nll",
+           "vortex_density", "anomaly_score"]
+
+
+def resolve_model(spec: str | None, size: int, tmp: Path) -> tuple[Path, str]:
+    """A local .onnx for `spec`; without one, the exported HG-VAE architecture if training code is
+    installed, else the contract stand-in graph (said so in the output)."""
+    if spec:
+        from service.spark_scoring import load_model_bytes
+
+        data, source = load_model_bytes(spec)
+        path = tmp / "model.onnx"
+        path.write_bytes(data)
+        return path, source
+    try:  # the real architecture, untrained: throughput does not depend on the weights
+        from training.export import export_untrained  # type: ignore[attr-defined]
+
+        path = Path(export_untrained(tmp / "model.onnx", lattice_size=size))
+        return path, f"HG-VAE architecture (untrained export, L={size})"
+    except ImportError:
+        from tests.contract_model import contract_onnx
+
+        return contract_onnx(tmp / "model.onnx", size), f"contract stand-in graph (L={size}; no training.export)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000, help="lattices (default 100000)")
+    parser.add_argument("--size", type=int, default=32, help="lattice size L (default 32)")
+    parser.add_argument("--model", help="models:/..., runs:/... or .onnx (default: see resolve_model)")
+    parser.add_argument("--outputs", default="scalars",
+                        help="'scalars' (per-lattice numbers + latents, default), 'all' (adds the three L x L "
+                             "maps: ~12 KB per lattice more output) or a comma list")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--workdir", help="where the data goes (default: a temp dir, removed after)")
+    args = parser.parse_args()
+    outputs = None if args.outputs == "all" else SCALARS if args.outputs == "scalars" else args.outputs.split(",")
+
+    import pyarrow.parquet as pq
+
+    from service.batch import local_scorer, score_file
+    from service.runtime import OnnxModel
+    from service.spark_scoring import score_parquet, spark_session, write_lattices_parquet
+
+    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="hgvae-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        model_path, model_desc = resolve_model(args.model, args.size, tmp)
+        rng = np.random.default_rng(0)
+        t0 = time.perf_counter()
+        angles = rng.uniform(0, 2 * np.pi, size=(args.n, args.size, args.size)).astype(np.float32)
+        temperature = rng.uniform(0.5, 1.5, size=args.n).astype(np.float32)
+        np.savez(tmp / "lattices.npz", angles=angles, temperature=temperature)
+        write_lattices_parquet(tmp / "lattices.parquet", angles, temperature)
+        print(f"data: {args.n} lattices L={args.size} ({angles.nbytes / 2**20:.0f} MiB of angles), "
+              f"written in {time.perf_counter() - t0:.1f} s")
+        print(f"model: {model_desc}; outputs: {args.outputs}; cores: {os.cpu_count()}")
+        del angles
+
+        rates: dict[str, float] = {}
+        for threads in (1, 2):
+            model = OnnxModel(model_path, "hgvae", "1", intra_op_threads=threads, device="cpu")
+            model.load()
+            t0 = time.perf_counter()
+            score_file(tmp / "lattices.npz", tmp / f"scores-{threads}.npz", local_scorer(model, outputs),
+                       args.batch_size, True, {}, False)
+            seconds = time.perf_counter() - t0
+            rates[f"local {threads} thread{'s' if threads > 1 else ''}"] = args.n / seconds
+            print(f"local, {threads} onnxruntime thread(s): {seconds:7.1f} s  {args.n / seconds:9.0f} lattices/s")
+
+        t0 = time.perf_counter()
+        spark = spark_session(args.master, {"spark.ui.showConsoleProgress": "false",
+                                            "spark.driver.memory": "2g"})
+        start_s = time.perf_counter() - t0
+        # first job: cold JVM code paths and Python workers (what one `hgvae score --engine spark` pays);
+        # second job: warm, the steady state of a long job or a session that scores many inputs
+        for run in ("cold", "warm"):
+            result = score_parquet(tmp / "lattices.parquet", tmp / "scores.parquet", str(model_path), spark=spark,
+                                   outputs=outputs, batch_size=args.batch_size, overwrite=True)
+            assert result.rows == args.n, result.rows
+            rates[f"spark {run}"] = result.rows_per_second
+            note = f" (JVM start {start_s:.1f} s not counted)" if run == "cold" else ""
+            print(f"spark {args.master}, {run} job{note}: {result.seconds:7.1f} s  "
+                  f"{result.rows_per_second:9.0f} lattices/s")
+        spark.stop()
+
+        # same numbers from both engines (first rows; ids are the input row numbers)
+        local = np.load(tmp / "scores-2.npz")
+        table = pq.read_table(tmp / "scores.parquet", columns=["id", "energy"]).to_pandas().sort_values("id")
+        np.testing.assert_allclose(table["energy"].to_numpy()[:1000], local["energy"][:1000], atol=1e-5)
+
+        print(f"\nSpark overhead ratio = local 2 threads / spark {args.master} lattices/s: "
+              f"{rates['local 2 threads'] / rates['spark warm']:.2f} warm, "
+              f"{rates['local 2 threads'] / rates['spark cold']:.2f} cold (first job)")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
