@@ -182,4 +182,3 @@ def remote_scorer(client: Any, outputs: Sequence[str] | None, model: str = "", v
             yield result.outputs
 
     return run
-
