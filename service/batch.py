@@ -174,12 +174,13 @@ def local_scorer(model: Any, outputs: Sequence[str] | None) -> ScoreFn:
     return run
 
 
-def remote_scorer(client: Any, outputs: Sequence[str] | None, model: str = "", version: str = "") -> ScoreFn:
+def remote_scorer(
+    client: Any, outputs: Sequence[str] | None, model: str = "", version: str = "", timeout: float | None = None
+) -> ScoreFn:
     """Score chunks through one ScoreStream (pipelined: the server works while the next chunk travels)."""
 
     def run(chunks: Iterator[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for result in client.score_stream(chunks, model=model, version=version, outputs=outputs, timeout=None):
+        for result in client.score_stream(chunks, model=model, version=version, outputs=outputs, timeout=timeout):
             yield result.outputs
 
     return run
-

@@ -126,7 +126,13 @@ class Resolver:
         if src.kind == "run":
             uri = f"runs:/{src.run_id}/{src.artifact_path}"
         else:
-            uri = f"models:/{src.registered_name}/{version}"
+            # Ask this registry (not the process-global one) where the version's files live.
+            try:
+                uri = self.client.get_model_version_download_uri(src.registered_name, version)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"cannot find models:/{src.registered_name}/{version} at {self.tracking_uri}: {_short(exc)}"
+                ) from exc
         dst = self._tmp / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{src.name}-{version}-{src.kind}")
         if dst.exists():
             shutil.rmtree(dst)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 summary = score_file(
                     args.input,
                     args.output,
-                    remote_scorer(client, outputs, args.served_model),
+                    remote_scorer(client, outputs, args.served_model, timeout=args.timeout),
                     args.batch_size,
                     args.force,
                     meta,

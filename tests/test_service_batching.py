@@ -1,0 +1,202 @@
+"""BatchQueue paths one by one: full batch, delay from the oldest request, errors, row mismatch,
+bounded queue, cancelled callers, oversized requests, drain on close. The predict function is a
+real numpy computation with a call log, not a mock of the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import BatchQueue, BatchSplitError
+from service.errors import NotReady, ResourceExhausted
+
+
+class Model:
+    def __init__(self, delay: float = 0.0, fail: bool = False, drop_row: bool = False) -> None:
+        self.calls: list[int] = []
+        self.delay, self.fail, self.drop_row = delay, fail, drop_row
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, x: np.ndarray, outputs):
+        self.gate.wait(5)
+        self.calls.append(len(x))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("boom")
+        out = {"sum": x.sum(axis=(1, 2)), "first": x[:, 0, :].copy()}
+        if self.drop_row:
+            out["sum"] = out["sum"][:-1]
+        return {k: v for k, v in out.items() if outputs is None or k in outputs}
+
+
+def x_of(n: int, value: float) -> np.ndarray:
+    return np.full((n, 2, 2), value, np.float32)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_full_batch_runs_without_waiting_for_the_delay():
+    async def main():
+        m = Model()
+        q = BatchQueue(m, max_batch_size=8, max_delay_s=5.0)
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(q.predict(x_of(2, i)) for i in range(4)))
+        elapsed = time.perf_counter() - t0
+        await q.close()
+        return m, res, elapsed
+
+    m, res, elapsed = run(main())
+    assert m.calls == [8] and elapsed < 1.0
+    for i, r in enumerate(res):  # each caller gets exactly its own rows back
+        np.testing.assert_array_equal(r["sum"], np.full(2, 4.0 * i))
+        assert r["first"].shape == (2, 2)
+
+
+def test_delay_counts_from_the_oldest_request():
+    async def main():
+        m = Model()
+        q = BatchQueue(m, max_batch_size=100, max_delay_s=0.3)
+        t0 = time.perf_counter()
+        first = asyncio.ensure_future(q.predict(x_of(1, 1)))
+        await asyncio.sleep(0.2)
+        second = asyncio.ensure_future(q.predict(x_of(1, 2)))  # must not restart the clock
+        await asyncio.gather(first, second)
+        elapsed = time.perf_counter() - t0
+        await q.close()
+        return m, elapsed
+
+    m, elapsed = run(main())
+    assert m.calls == [2]
+    assert 0.28 < elapsed < 0.45, elapsed  # ~0.3 s from the first request, not 0.2 + 0.3
+
+
+def test_rows_not_requests_are_capped_and_large_requests_run_alone():
+    async def main():
+        m = Model()
+        m.gate.clear()  # hold the runner so everything queues up first
+        q = BatchQueue(m, max_batch_size=4, max_delay_s=0.0)
+        futs = [asyncio.ensure_future(q.predict(x_of(n, 1))) for n in (1, 10, 3, 3, 1)]
+        await asyncio.sleep(0.05)
+        m.gate.set()
+        res = await asyncio.gather(*futs)
+        await q.close()
+        return m, res
+
+    m, res = run(main())
+    assert m.calls[0] == 1  # the first request started alone while the others were still arriving
+    assert sorted(m.calls[1:]) == sorted([10, 3, 4]) and m.calls[1:] == [10, 3, 4]
+    assert [len(r["sum"]) for r in res] == [1, 10, 3, 3, 1]
+
+
+def test_error_fails_every_future_in_the_batch_and_queue_keeps_working():
+    async def main():
+        m = Model(fail=True)
+        q = BatchQueue(m, max_batch_size=8, max_delay_s=0.05)
+        res = await asyncio.gather(*(q.predict(x_of(1, i)) for i in range(3)), return_exceptions=True)
+        m.fail = False
+        after = await q.predict(x_of(1, 1))
+        await q.close()
+        return m, res, after
+
+    m, res, after = run(main())
+    assert m.calls[0] == 3 and all(isinstance(r, RuntimeError) and "boom" in str(r) for r in res)
+    assert after["sum"][0] == 4.0
+
+
+def test_row_count_mismatch_fails_the_batch_instead_of_misaligning():
+    async def main():
+        q = BatchQueue(Model(drop_row=True), max_batch_size=8, max_delay_s=0.05)
+        res = await asyncio.gather(*(q.predict(x_of(2, i)) for i in range(2)), return_exceptions=True)
+        await q.close()
+        return res
+
+    res = run(main())
+    assert all(isinstance(r, BatchSplitError) and "expected 4 rows" in str(r) for r in res)
+
+
+def test_bounded_queue_rejects_at_once():
+    async def main():
+        m = Model()
+        m.gate.clear()
+        q = BatchQueue(m, max_batch_size=4, max_delay_s=0.0, max_queue_rows=8)
+        running = asyncio.ensure_future(q.predict(x_of(4, 0)))
+        await asyncio.sleep(0.05)  # taken by the runner, which is blocked on the gate
+        waiting = [asyncio.ensure_future(q.predict(x_of(4, 1))) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ResourceExhausted, match="queue full"):
+            q.submit(x_of(1, 2))
+        m.gate.set()
+        await asyncio.gather(running, *waiting)
+        ok = await q.predict(x_of(1, 2))  # room again
+        await q.close()
+        return ok
+
+    assert run(main())["sum"][0] == 8.0
+
+
+def test_cancelled_callers_are_dropped_before_the_run():
+    async def main():
+        m = Model()
+        m.gate.clear()
+        q = BatchQueue(m, max_batch_size=100, max_delay_s=0.0)
+        first = asyncio.ensure_future(q.predict(x_of(1, 0)))
+        await asyncio.sleep(0.05)
+        gone = q.submit(x_of(5, 1))
+        kept = q.submit(x_of(2, 2))
+        gone.cancel()
+        m.gate.set()
+        await asyncio.gather(first, kept)
+        await q.close()
+        return m, q
+
+    m, q = run(main())
+    assert m.calls == [1, 2] and q.queued_rows == 0
+
+
+def test_outputs_subset_and_union():
+    async def main():
+        q = BatchQueue(Model(), max_batch_size=8, max_delay_s=0.05)
+        a, b = await asyncio.gather(q.predict(x_of(1, 1), ["sum"]), q.predict(x_of(1, 2), ["first"]))
+        await q.close()
+        return a, b
+
+    a, b = run(main())
+    assert set(a) == {"sum"} and set(b) == {"first"}
+
+
+def test_close_drains_queued_work_then_refuses():
+    async def main():
+        m = Model(delay=0.02)
+        q = BatchQueue(m, max_batch_size=1, max_delay_s=0.0)
+        futs = [q.submit(x_of(1, i)) for i in range(5)]
+        await q.close()
+        with pytest.raises(NotReady):
+            q.submit(x_of(1, 0))
+        return [f.result()["sum"][0] for f in futs]
+
+    assert run(main()) == [0.0, 4.0, 8.0, 12.0, 16.0]
+
+
+def test_inconsistent_settings_are_rejected():
+    from pydantic import ValidationError
+
+    from service.settings import ServerSettings
+
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        ServerSettings(max_batch_size=100, max_queue_rows=10, max_request_rows=5)
+    with pytest.raises(ValidationError, match="tls_cert and tls_key"):
+        ServerSettings(tls_cert="/etc/hostname")
+
+    async def bad():
+        BatchQueue(Model(), max_batch_size=10, max_queue_rows=5)
+
+    with pytest.raises(ValueError):
+        run(bad())
