@@ -34,15 +34,25 @@ as_pg() {
 pg_up() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
 mlflow_up() { curl -fsS -m 2 "$MLFLOW_URL/health" >/dev/null 2>&1; }
 
+# The server runs in its own session (setsid; session id = the pid we saved) with uvicorn and job
+# runner children. The pid file may be stale (machine reused after a hard stop): only a session that
+# still holds an mlflow/uvicorn process is ours to stop.
+mlflow_session() {
+    local sid
+    sid=$(cat "$STATE/mlflow.pid" 2>/dev/null) || return 1
+    ps -o args= --sid "$sid" 2>/dev/null | grep -q -E "mlflow|uvicorn" || return 1
+    echo "$sid"
+}
+
 stop() {
-    if [ -f "$STATE/mlflow.pid" ]; then
-        pid=$(cat "$STATE/mlflow.pid")
-        # The server runs in its own session (setsid): end its whole process group (uvicorn workers too).
-        kill -TERM -- "-$pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        rm -f "$STATE/mlflow.pid"
+    local sid
+    if sid=$(mlflow_session); then
+        kill -TERM -- "-$sid" 2>/dev/null || true
+        for _ in $(seq 50); do ps -o pid= --sid "$sid" >/dev/null 2>&1 || break; sleep 0.1; done
+        kill -KILL -- "-$sid" 2>/dev/null || true  # whatever ignored SIGTERM for 5 s
         log "mlflow stopped"
     fi
+    rm -f "$STATE/mlflow.pid"
     if [ -f "$PGDATA/postmaster.pid" ]; then
         as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null && log "postgres stopped"
     fi
@@ -91,8 +101,12 @@ start_mlflow() {
     local py
     py=$(python_bin)
     mkdir -p "$STATE/mlartifacts"
+    # A database left by an older MLflow (a reused machine) needs its schema migrated first; a no-op otherwise.
+    "$py" -m mlflow db upgrade "$DB_URI" >"$STATE/mlflow-upgrade.log" 2>&1 \
+        || { log "mlflow db upgrade failed:"; tail -n 20 "$STATE/mlflow-upgrade.log" >&2; exit 1; }
     # setsid + closed stdio: the server must not hold CI's output pipe open after this script exits.
-    setsid "$py" -m mlflow server \
+    # MLflow's background job runner (huey consumers for GenAI jobs) is not needed here: 7 fewer processes.
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$py" -m mlflow server \
         --backend-store-uri "$DB_URI" \
         --artifacts-destination "$STATE/mlartifacts" --serve-artifacts \
         --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
