@@ -226,6 +226,9 @@ def score_parquet(input_path: str | Path, output_path: str | Path, model: str, *
         raise SparkScoringError(f"{output_path} exists (pass overwrite=True / --overwrite to replace it)")
     if "://" not in input_path and not Path(input_path).exists():
         raise SparkScoringError(f"input {input_path} does not exist")
+    if input_path.endswith(".npz"):
+        raise SparkScoringError(f"{input_path}: Spark reads Parquet; score .npz files with the local engine or "
+                                "convert them with service.spark_scoring.write_lattices_parquet")
     try:
         df = spark.read.parquet(input_path)
     except Exception as exc:

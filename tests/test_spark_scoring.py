@@ -146,6 +146,10 @@ def test_bad_input_gets_a_clear_error(spark, data) -> None:
         score_parquet(no_angles, tmp / "o3", str(data["model"]), spark=spark)
     with pytest.raises(SparkScoringError, match="unknown output"):
         score_parquet(data["input"], tmp / "o4", str(data["model"]), spark=spark, outputs=["energy", "nope"])
+    npz = tmp / "lattices.npz"
+    np.savez(npz, angles=data["angles"][:2])
+    with pytest.raises(SparkScoringError, match="Spark reads Parquet"):
+        score_parquet(npz, tmp / "o7", str(data["model"]), spark=spark)
     with pytest.raises(SparkScoringError, match="does not exist"):
         score_parquet(tmp / "missing.parquet", tmp / "o5", str(data["model"]), spark=spark)
     with pytest.raises(SparkScoringError, match="does not exist"):
