@@ -170,3 +170,15 @@ def test_hgvae_score_engine_spark_cli(spark, data, capsys) -> None:
                  "--model", str(data["model"])])
     err = capsys.readouterr().err
     assert code == 2 and "exists" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_executor_code_never_imports_torch() -> None:
+    """What an executor imports to score: this module, onnxruntime, pyarrow, numpy; no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; import service.spark_scoring as s; import onnxruntime, pyarrow; "
+            "s._list_column(np.zeros((2, 3), np.float32)); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False", out.stderr
