@@ -1,0 +1,684 @@
+"""Batched Monte Carlo for the 2D XY model: every temperature (and replica) advances together.
+
+Moves (each satisfies detailed balance on its own, so their composition leaves the Boltzmann
+distribution invariant):
+
+* **Checkerboard Metropolis.** A site is rotated by δ = 2·atan(a), a ~ U[−w, w]: the density of δ is
+  symmetric, so the proposal is symmetric, and cos δ = (1−a²)/(1+a²), sin δ = 2a/(1+a²) need no
+  transcendental function. Acceptance min(1, e^{−βΔE}) uses an exact table × Taylor exp (error < 1e-9).
+  The window w is tuned per temperature during thermalization only, then frozen.
+* **Over-relaxation.** s → 2(s·h)h/|h|² − s: a reflection about the local field, energy conserving and
+  its own inverse (microcanonical); it moves spin waves fast at no rejection cost.
+* **Wolff clusters** (Wolff 1989, embedded Ising spins along a random axis r): bonds activate with
+  p = 1 − exp(−2β (r·s_i)(r·s_j)); flipping the cluster beats critical slowing down near and below T_KT.
+  Per temperature, the number of clusters per sweep is set from the mean cluster size measured during
+  thermalization (so a sweep flips about N spins in clusters), then frozen.
+
+One "sweep" = Wolff clusters + one Metropolis sweep + `overrelax` over-relaxation sweeps (the default mix).
+
+Spins live as unit vectors (cos θ, sin θ) in float32, split by checkerboard colour into arrays of shape
+[R, 2, L, L/2] so the per-row loops are contiguous and SIMD-vectorised by numba/LLVM, with one
+xoroshiro128++ stream per row lane and replica (reproducible from one seed, independent of threading).
+On CUDA (`device="cuda"`) a batched torch implementation runs the same Metropolis and over-relaxation
+moves, and Swendsen–Wang clusters with the same embedding in place of single Wolff clusters.
+Even L is required: the two checkerboard colours must not touch across the periodic edge.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+from training.dataset import LatticeDataset
+from training.stats import Stats, statistics
+
+# ----------------------------------------------------------------------------------------------------------
+# Random numbers: xoroshiro128++ (Blackman & Vigna), all 64 output bits of good quality.
+_U8 = np.uint64(8)
+_U11 = np.uint64(11)
+_U17 = np.uint64(17)
+_U21 = np.uint64(21)
+_U28 = np.uint64(28)
+_U36 = np.uint64(36)
+_U40 = np.uint64(40)
+_U47 = np.uint64(47)
+_U49 = np.uint64(49)
+_U15 = np.uint64(15)
+_MASK24 = np.uint64(0xFFFFFF)
+_INV24 = np.float32(1.0 / 16777216.0)
+_HALF24 = np.float32(0.5 / 16777216.0)
+_INV53 = 1.0 / 9007199254740992.0
+
+# e^{-x} for x ≥ 0: table at steps of 1/16 times a 6-term Taylor series of the remainder (|error| < 3e-10).
+_EXP_STEPS = 16
+_EXP_MAX = 104.0  # e^{-104} < 1e-45: below the resolution of a 24-bit uniform, treated as 0
+_EXP_TABLE = np.exp(-np.arange(int(_EXP_MAX * _EXP_STEPS) + 2, dtype=np.float64) / _EXP_STEPS).astype(np.float32)
+_EXP_LIMIT = np.float32(_EXP_MAX * _EXP_STEPS)
+
+_FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # no 'afn'/'nnan': keep exact functions and NaN semantics
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """Vectorised splitmix64 finaliser: seeds independent xoroshiro streams from one integer seed."""
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def seed_streams(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint64 state words for each of prod(shape) xoroshiro128++ streams, derived from `seed`."""
+    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    n = int(np.prod(shape))
+    with np.errstate(over="ignore"):
+        idx = key + np.arange(2 * n, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
+    words = _splitmix64(idx)
+    s0, s1 = words[0::2].reshape(shape).copy(), words[1::2].reshape(shape).copy()
+    s0[(s0 == 0) & (s1 == 0)] = np.uint64(1)  # the all-zero state is the one fixed point
+    return s0, s1
+
+
+@njit(inline="always", cache=True)
+def _rotl(x, k, kc):
+    return (x << k) | (x >> kc)
+
+
+@njit(inline="always", cache=True)
+def _next(s0, s1):
+    """One xoroshiro128++ step: (output, new s0, new s1)."""
+    out = _rotl(s0 + s1, _U17, _U47) + s0
+    s1 = s1 ^ s0
+    n0 = _rotl(s0, _U49, _U15) ^ s1 ^ (s1 << _U21)
+    n1 = _rotl(s1, _U28, _U36)
+    return out, n0, n1
+
+
+@njit(inline="always", cache=True)
+def _exp_neg(x, table):
+    """e^{-x} for x ≥ 0 (x ≤ 0 gives 1), branch-free so the calling loop vectorises."""
+    y = min(max(x * np.float32(_EXP_STEPS), np.float32(0.0)), _EXP_LIMIT)
+    n = np.int32(y)
+    f = (y - np.float32(n)) * np.float32(1.0 / _EXP_STEPS)
+    poly = np.float32(1.0) - f * (
+        np.float32(1.0)
+        - f
+        * (
+            np.float32(0.5)
+            - f * (np.float32(1.0 / 6.0) - f * (np.float32(1.0 / 24.0) - f * np.float32(1.0 / 120.0)))
+        )
+    )
+    return table[n] * poly
+
+
+@njit(inline="always", cache=True)
+def metropolis_site(sx, sy, hx, hy, v, w, beta, table):
+    """One Metropolis update of spin (sx, sy) in local field (hx, hy), using 64 random bits `v`.
+
+    Returns (new sx, new sy, accepted). Shared by the lattice kernel and the single-site test.
+    """
+    u1 = np.float32(v >> _U40) * _INV24 + _HALF24  # two 24-bit uniforms in (0, 1) from one draw
+    u2 = np.float32((v >> _U8) & _MASK24) * _INV24 + _HALF24
+    a = (np.float32(2.0) * u1 - np.float32(1.0)) * w
+    d = np.float32(1.0) / (np.float32(1.0) + a * a)
+    c = (np.float32(1.0) - a * a) * d
+    s = np.float32(2.0) * a * d
+    nx = c * sx - s * sy
+    ny = s * sx + c * sy
+    # renormalise (one Newton step): stops float32 rounding from drifting |s| away from 1
+    g = np.float32(1.5) - np.float32(0.5) * (nx * nx + ny * ny)
+    nx *= g
+    ny *= g
+    de = hx * (sx - nx) + hy * (sy - ny)  # ΔE = −h·(s' − s)
+    acc = u2 < _exp_neg(beta * de, table)
+    return (nx if acc else sx), (ny if acc else sy), acc
+
+
+@njit(inline="always", cache=True)
+def overrelax_site(sx, sy, hx, hy):
+    """Reflect s about h: s' = 2(s·h)h/|h|² − s (energy conserving, its own inverse)."""
+    hh = hx * hx + hy * hy
+    ok = hh > np.float32(1e-12)
+    t = np.float32(2.0) * (sx * hx + sy * hy) / (hh if ok else np.float32(1.0))
+    nx = t * hx - sx
+    ny = t * hy - sy
+    g = np.float32(1.5) - np.float32(0.5) * (nx * nx + ny * ny)
+    return (nx * g if ok else sx), (ny * g if ok else sy)
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _fill_ext(ext, row):
+    """ext = [row[H−1], row[0..H−1], row[0]]: the periodic horizontal neighbours without index wrapping."""
+    h = row.shape[0]
+    ext[0] = row[h - 1]
+    for i in range(h):
+        ext[i + 1] = row[i]
+    ext[h + 1] = row[0]
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _metropolis_row(xs, ys, xu, yu, xd, yd, ex, ey, p, r0, r1, w, beta, table):
+    """Update one row of one colour. Horizontal neighbours of half-row site i are ext[i+p], ext[i+p+1]."""
+    nacc = 0
+    for i in range(xs.shape[0]):
+        hx = xu[i] + xd[i] + ex[i + p] + ex[i + p + 1]
+        hy = yu[i] + yd[i] + ey[i + p] + ey[i + p + 1]
+        v, a, b = _next(r0[i], r1[i])
+        r0[i] = a
+        r1[i] = b
+        nx, ny, acc = metropolis_site(xs[i], ys[i], hx, hy, v, w, beta, table)
+        xs[i] = nx
+        ys[i] = ny
+        nacc += np.int32(acc)
+    return nacc
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _overrelax_row(xs, ys, xu, yu, xd, yd, ex, ey, p):
+    for i in range(xs.shape[0]):
+        hx = xu[i] + xd[i] + ex[i + p] + ex[i + p + 1]
+        hy = yu[i] + yd[i] + ey[i + p] + ey[i + p + 1]
+        nx, ny = overrelax_site(xs[i], ys[i], hx, hy)
+        xs[i] = nx
+        ys[i] = ny
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _energy_row(xs, ys, xu, yu, xd, yd, ex, ey, p):
+    acc = 0.0
+    for i in range(xs.shape[0]):
+        hx = xu[i] + xd[i] + ex[i + p] + ex[i + p + 1]
+        hy = yu[i] + yd[i] + ey[i + p] + ey[i + p + 1]
+        acc += np.float64(xs[i] * hx + ys[i] * hy)
+    return acc
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _lattice_pass(x, y, kind, r0, r1, w, beta, table, ex, ey):
+    """One pass over both colours of one replica. kind 0: Metropolis, 1: over-relaxation, 2: energy.
+
+    x, y: [2, L, H]. Returns accepted moves (kind 0) or −Σ_bonds s_i·s_j (kind 2).
+    """
+    size = x.shape[1]
+    total = 0.0
+    for c in range(2 if kind != 2 else 1):  # energy: colour-0 sites touch every bond exactly once
+        o = 1 - c
+        for row in range(size):
+            p = (row + c) & 1
+            up = row + 1 if row + 1 < size else 0
+            dn = row - 1 if row > 0 else size - 1
+            _fill_ext(ex, x[o, row])
+            _fill_ext(ey, y[o, row])
+            if kind == 0:
+                total += _metropolis_row(
+                    x[c, row], y[c, row], x[o, up], y[o, up], x[o, dn], y[o, dn], ex, ey, p, r0, r1, w, beta, table
+                )
+            elif kind == 1:
+                _overrelax_row(x[c, row], y[c, row], x[o, up], y[o, up], x[o, dn], y[o, dn], ex, ey, p)
+            else:
+                total -= _energy_row(x[c, row], y[c, row], x[o, up], y[o, up], x[o, dn], y[o, dn], ex, ey, p)
+    return total
+
+
+@njit(inline="always", cache=True)
+def _site_index(c, row, i, size, half):
+    return (c * size + row) * half + i
+
+
+@njit(cache=True)
+def _wolff_cluster(x, y, beta, r0, r1, lane, mark, stamp, stack, stackp):
+    """Grow and flip one Wolff cluster in replica arrays x, y [2, L, H]; returns its size."""
+    size = x.shape[1]
+    half = x.shape[2]
+    nsite = 2 * size * half
+    xf = x.reshape(nsite)
+    yf = y.reshape(nsite)
+    v, a, b = _next(r0[lane], r1[lane])
+    r0[lane], r1[lane] = a, b
+    phi = 2.0 * math.pi * (np.float64(v >> _U11) * _INV53)
+    rx = math.cos(phi)
+    ry = math.sin(phi)
+    v, a, b = _next(r0[lane], r1[lane])
+    r0[lane], r1[lane] = a, b
+    k0 = np.int64(v % np.uint64(nsite))
+    pk = rx * xf[k0] + ry * yf[k0]
+    xf[k0] = np.float32(xf[k0] - 2.0 * pk * rx)
+    yf[k0] = np.float32(yf[k0] - 2.0 * pk * ry)
+    mark[k0] = stamp
+    stack[0] = k0
+    stackp[0] = pk
+    top = 1
+    n = 1
+    while top > 0:
+        top -= 1
+        k = stack[top]
+        pk = stackp[top]
+        c = k // (size * half)
+        rem = k - c * size * half
+        row = rem // half
+        i = rem - row * half
+        o = 1 - c
+        p = (row + c) & 1
+        up = row + 1 if row + 1 < size else 0
+        dn = row - 1 if row > 0 else size - 1
+        il = i + p - 1
+        if il < 0:
+            il += half
+        ir = i + p
+        if ir >= half:
+            ir -= half
+        for nb in range(4):
+            if nb == 0:
+                j = _site_index(o, up, i, size, half)
+            elif nb == 1:
+                j = _site_index(o, dn, i, size, half)
+            elif nb == 2:
+                j = _site_index(o, row, il, size, half)
+            else:
+                j = _site_index(o, row, ir, size, half)
+            if mark[j] == stamp:
+                continue
+            pj = rx * xf[j] + ry * yf[j]
+            t = pk * pj
+            if t <= 0.0:
+                continue
+            v, a, b = _next(r0[lane], r1[lane])
+            r0[lane], r1[lane] = a, b
+            if np.float64(v >> _U11) * _INV53 < 1.0 - math.exp(-2.0 * beta * t):
+                mark[j] = stamp
+                nx = xf[j] - 2.0 * pj * rx
+                ny = yf[j] - 2.0 * pj * ry
+                g = 1.5 - 0.5 * (nx * nx + ny * ny)
+                xf[j] = np.float32(nx * g)
+                yf[j] = np.float32(ny * g)
+                stack[top] = j
+                stackp[top] = pj
+                top += 1
+                n += 1
+    return n
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def run_sweeps(x, y, r0, r1, beta, width, n_over, n_wolff, n_sweeps, metropolis, table, energy, accepted, clusters,
+               mark, stamps, stack, stackp):
+    """Advance every replica by `n_sweeps` sweeps (parallel over replicas), recording e per sweep.
+
+    x, y: float32 [R, 2, L, H]; r0, r1: uint64 [R, H+1] (lane H drives the Wolff clusters);
+    energy: float64 [R, ≥n_sweeps] (per site); accepted, clusters: int64 [R, 2] accumulators
+    (Metropolis accepted/proposed, Wolff flipped sites/clusters).
+    """
+    nrep = x.shape[0]
+    size = x.shape[2]
+    half = x.shape[3]
+    nsite = size * size
+    for r in prange(nrep):
+        ex = np.empty(half + 2, dtype=np.float32)
+        ey = np.empty(half + 2, dtype=np.float32)
+        b = np.float32(beta[r])
+        w = np.float32(width[r])
+        xr = x[r]
+        yr = y[r]
+        rr0 = r0[r]
+        rr1 = r1[r]
+        for t in range(n_sweeps):
+            for _ in range(n_wolff[r]):
+                stamps[r] += 1
+                clusters[r, 0] += _wolff_cluster(xr, yr, beta[r], rr0, rr1, half, mark[r], stamps[r], stack[r],
+                                                 stackp[r])
+                clusters[r, 1] += 1
+            if metropolis:
+                accepted[r, 0] += np.int64(_lattice_pass(xr, yr, 0, rr0, rr1, w, b, table, ex, ey))
+                accepted[r, 1] += nsite
+            for _ in range(n_over):
+                _lattice_pass(xr, yr, 1, rr0, rr1, w, b, table, ex, ey)
+            energy[r, t] = _lattice_pass(xr, yr, 2, rr0, rr1, w, b, table, ex, ey) / nsite
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout conversion: full [.., L, L] angles <-> checkerboard-split unit vectors [.., 2, L, L/2].
+
+
+def split_lattice(full: np.ndarray) -> np.ndarray:
+    """[..., L, L] → [..., 2, L, L/2]; colour c holds sites with (x + y) % 2 == c."""
+    size = full.shape[-1]
+    out = np.empty((*full.shape[:-2], 2, size, size // 2), dtype=full.dtype)
+    for c in range(2):
+        for p in range(2):
+            y0 = (p - c) % 2  # rows whose colour-c sites start at x = p
+            out[..., c, y0::2, :] = full[..., y0::2, p::2]
+    return out
+
+
+def join_lattice(split: np.ndarray) -> np.ndarray:
+    """Inverse of `split_lattice`."""
+    size = split.shape[-2]
+    out = np.empty((*split.shape[:-3], size, size), dtype=split.dtype)
+    for c in range(2):
+        for p in range(2):
+            y0 = (p - c) % 2
+            out[..., y0::2, p::2] = split[..., c, y0::2, :]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Samplers: one object per backend with the same small interface, driven by `simulate`.
+
+
+@dataclass
+class MoveSet:
+    metropolis: bool = True
+    overrelax: int = 2  # over-relaxation sweeps per sweep
+    wolff: float = 1.0  # Wolff-flipped sites per sweep as a fraction of N (0 disables clusters)
+
+    def describe(self) -> str:
+        parts = []
+        if self.wolff > 0:
+            parts.append(f"wolff(~{self.wolff:g}N sites)")
+        if self.metropolis:
+            parts.append("checkerboard-metropolis")
+        if self.overrelax:
+            parts.append(f"{self.overrelax}x overrelaxation")
+        return " + ".join(parts) or "none"
+
+
+class NumbaSampler:
+    """CPU sampler: fused numba kernels, parallel over replicas."""
+
+    backend = "numba"
+
+    def __init__(self, size: int, betas: np.ndarray, moves: MoveSet, seed: int, start: np.ndarray) -> None:
+        self.size = size
+        self.betas = np.asarray(betas, dtype=np.float64)
+        self.moves = moves
+        nrep = len(self.betas)
+        half = size // 2
+        theta = split_lattice(start.astype(np.float64))
+        self.x = np.ascontiguousarray(np.cos(theta), dtype=np.float32)
+        self.y = np.ascontiguousarray(np.sin(theta), dtype=np.float32)
+        self.r0, self.r1 = seed_streams(seed, (nrep, half + 1))
+        self.width = np.full(nrep, 1.0, dtype=np.float32)
+        self.n_wolff = np.full(nrep, 1 if moves.wolff > 0 else 0, dtype=np.int64)
+        nsite = size * size
+        self.mark = np.zeros((nrep, nsite), dtype=np.int64)
+        self.stamps = np.zeros(nrep, dtype=np.int64)
+        self.stack = np.zeros((nrep, nsite), dtype=np.int64)
+        self.stackp = np.zeros((nrep, nsite), dtype=np.float64)
+        self.accepted = np.zeros((nrep, 2), dtype=np.int64)
+        self.clusters = np.zeros((nrep, 2), dtype=np.int64)
+
+    def sweep(self, n: int) -> np.ndarray:
+        energy = np.empty((len(self.betas), n), dtype=np.float64)
+        run_sweeps(self.x, self.y, self.r0, self.r1, self.betas, self.width, self.moves.overrelax, self.n_wolff, n,
+                   self.moves.metropolis, _EXP_TABLE, energy, self.accepted, self.clusters, self.mark, self.stamps,
+                   self.stack, self.stackp)
+        return energy
+
+    def reset_counters(self) -> None:
+        self.accepted[:] = 0
+        self.clusters[:] = 0
+
+    def acceptance(self) -> np.ndarray:
+        return self.accepted[:, 0] / np.maximum(self.accepted[:, 1], 1)
+
+    def mean_cluster(self) -> np.ndarray:
+        return self.clusters[:, 0] / np.maximum(self.clusters[:, 1], 1)
+
+    def angles(self) -> np.ndarray:
+        """Current configurations as float32 angles [R, L, L] in [0, 2π)."""
+        theta = np.arctan2(join_lattice(self.y), join_lattice(self.x)).astype(np.float32)
+        theta = np.mod(theta, np.float32(2 * math.pi))
+        theta[theta >= np.float32(2 * math.pi)] = 0.0
+        return theta
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+_TUNING_DEFAULTS: dict[str, Any] = {
+    "replicas": 1,  # independent chains per temperature; samples are split between them
+    "overrelax": 2,
+    "wolff": 1.0,
+    "metropolis": True,
+    "tune_sweeps": 200,  # window / cluster-count tuning (discarded)
+    "therm_min": 500,  # minimum equilibration sweeps after tuning
+    "therm_tau": 200.0,  # equilibrate for at least this many τ (the last half is the pilot τ estimate)
+    "therm_max": 200_000,
+    "spacing_factor": 2.0,  # saved samples are ≥ spacing_factor × τ sweeps apart
+    "min_spacing": 1,
+    "start": "mixed",  # ordered start below T_KT, random above; or "hot" / "cold"
+    "target_acceptance": 0.5,
+}
+
+
+@dataclass(frozen=True)
+class TemperatureSummary:
+    temperature: float
+    energy: Stats
+    acceptance: float
+    mean_cluster: float
+    wolff_per_sweep: int
+    width: float
+
+
+def _check_args(size: int, temperatures: Sequence[float], samples: int) -> np.ndarray:
+    if not isinstance(size, int | np.integer) or size < 4:
+        raise ValueError(f"lattice size must be an integer ≥ 4, got {size!r}")
+    if size % 2:
+        raise ValueError(f"lattice size must be even (checkerboard updates), got {size}")
+    temps = np.asarray(list(temperatures), dtype=np.float64).reshape(-1)
+    if temps.size == 0:
+        raise ValueError("no temperatures given")
+    if not np.all(np.isfinite(temps)) or np.any(temps <= 0):
+        raise ValueError(f"temperatures must be finite and > 0, got {temps.tolist()}")
+    if not isinstance(samples, int | np.integer) or samples < 1:
+        raise ValueError(f"samples must be an integer ≥ 1, got {samples!r}")
+    return temps
+
+
+def _initial_state(temps: np.ndarray, replicas: int, size: int, start: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 0x5EED])
+    nrep = len(temps) * replicas
+    hot = rng.uniform(0.0, 2 * math.pi, size=(nrep, size, size))
+    cold = np.broadcast_to(rng.uniform(0.0, 2 * math.pi, size=(nrep, 1, 1)), hot.shape)
+    if start == "hot":
+        return hot
+    if start == "cold":
+        return np.array(cold)
+    if start != "mixed":
+        raise ValueError(f"start must be 'mixed', 'hot' or 'cold', got {start!r}")
+    ordered = np.repeat(temps < 0.8929, replicas)[:, None, None]
+    return np.where(ordered, cold, hot)
+
+
+def _make_sampler(device: str, size: int, betas: np.ndarray, moves: MoveSet, seed: int, start: np.ndarray,
+                  backend: str):
+    if backend == "auto":
+        backend = "numba" if device == "cpu" else "torch"
+    if backend == "numba":
+        if device != "cpu":
+            raise ValueError(f"the numba backend runs on the CPU only (device={device!r})")
+        return NumbaSampler(size, betas, moves, seed, start)
+    if backend == "torch":
+        from training.montecarlo_torch import TorchSampler
+
+        return TorchSampler(size, betas, moves, seed, start, device=device)
+    raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+
+
+def _tune(sampler, temps_rep: np.ndarray, opts: dict[str, Any], nsite: int, pbar) -> None:
+    """Tune the Metropolis window and the Wolff cluster count per replica; frozen afterwards."""
+    moves: MoveSet = sampler.moves
+    block = 10
+    for _ in range(max(1, opts["tune_sweeps"] // block)):
+        sampler.reset_counters()
+        sampler.sweep(block)
+        if pbar is not None:
+            pbar.update(block)
+        if moves.metropolis:
+            acc = sampler.acceptance()
+            factor = np.clip((acc + 0.02) / opts["target_acceptance"], 0.5, 2.0)
+            sampler.width = np.clip(sampler.width * factor, 0.02, 30.0).astype(np.float32)
+        if moves.wolff > 0:
+            mean_c = np.maximum(sampler.mean_cluster(), 1.0)
+            sampler.n_wolff = np.clip(np.rint(moves.wolff * nsite / mean_c), 1, nsite).astype(np.int64)
+
+
+def simulate(
+    size: int,
+    temperatures: Sequence[float],
+    samples: int,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    **tuning: Any,
+) -> LatticeDataset:
+    """Equilibrated XY configurations: `samples` per temperature, spaced by ≥ 2τ_int sweeps.
+
+    Returns a LatticeDataset with angles float32 [len(temperatures)·samples, L, L] in [0, 2π) (grouped by
+    temperature, in the given order), temperature float32 and metadata (algorithm, sweeps, τ per temperature,
+    energy statistics, seed, version). Tuning keywords: see `_TUNING_DEFAULTS` and `backend`.
+    """
+    from hgvae import __version__
+
+    t_start = time.perf_counter()
+    temps = _check_args(size, temperatures, samples)
+    backend = tuning.pop("backend", "auto")
+    unknown = set(tuning) - set(_TUNING_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown tuning options: {sorted(unknown)}")
+    opts = {**_TUNING_DEFAULTS, **tuning}
+    replicas = int(opts["replicas"])
+    if replicas < 1:
+        raise ValueError("replicas must be ≥ 1")
+    moves = MoveSet(metropolis=bool(opts["metropolis"]), overrelax=int(opts["overrelax"]), wolff=float(opts["wolff"]))
+    if not moves.metropolis and moves.wolff <= 0:
+        raise ValueError("over-relaxation alone is not ergodic: enable Metropolis or Wolff moves")
+    nsite = size * size
+    temps_rep = np.repeat(temps, replicas)
+    start = _initial_state(temps, replicas, size, opts["start"], seed)
+    sampler = _make_sampler(device, size, 1.0 / temps_rep, moves, seed, start, backend)
+    per_replica = -(-samples // replicas)
+
+    pbar = None
+    if progress:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=opts["tune_sweeps"] + opts["therm_min"], unit="sweep", desc=f"simulate L={size}")
+
+    # 1. tune proposal width and cluster counts (these sweeps are discarded)
+    _tune(sampler, temps_rep, opts, nsite, pbar)
+
+    # 2. equilibrate until the run is long against τ: at least therm_tau·τ_max sweeps (and therm_min)
+    series: list[np.ndarray] = []
+    done = 0
+    block = int(opts["therm_min"])
+    hit_max = False
+    while True:
+        series.append(sampler.sweep(block))
+        done += block
+        if pbar is not None:
+            pbar.update(block)
+        pilot = np.concatenate(series, axis=1)[:, done // 2 :]
+        taus = np.array([statistics(e).tau for e in pilot])
+        need = max(int(opts["therm_min"]), int(math.ceil(opts["therm_tau"] * taus.max())))
+        if done >= need:
+            break
+        if done >= opts["therm_max"]:
+            hit_max = True
+            warnings.warn(f"equilibration stopped at therm_max={done} sweeps with τ_max={taus.max():.1f}",
+                          stacklevel=2)
+            break
+        block = min(need - done, int(opts["therm_max"]) - done)
+        if pbar is not None:
+            pbar.total += block
+            pbar.refresh()
+    spacing = max(int(opts["min_spacing"]), int(math.ceil(opts["spacing_factor"] * taus.max())))
+
+    # 3. production: one snapshot every `spacing` sweeps, energy recorded every sweep
+    if pbar is not None:
+        pbar.total += per_replica * spacing
+        pbar.refresh()
+    snaps = np.empty((per_replica, len(temps_rep), size, size), dtype=np.float32)
+    sampler.reset_counters()
+    prod = []
+    for s in range(per_replica):
+        prod.append(sampler.sweep(spacing))
+        snaps[s] = sampler.angles()
+        if pbar is not None:
+            pbar.update(spacing)
+    if pbar is not None:
+        pbar.close()
+    energy = np.concatenate([pilot, *prod], axis=1)  # pilot half + production: one contiguous equilibrium series
+
+    # 4. assemble: temperature-major, replicas interleaved so any prefix of a temperature mixes chains
+    snaps = snaps.reshape(per_replica, len(temps), replicas, size, size).transpose(1, 0, 2, 3, 4)
+    angles = snaps.reshape(len(temps), per_replica * replicas, size, size)[:, :samples].reshape(-1, size, size)
+    temperature = np.repeat(temps.astype(np.float32), samples)
+
+    acc = sampler.acceptance().reshape(len(temps), replicas)
+    mean_c = sampler.mean_cluster().reshape(len(temps), replicas)
+    stats_t = []
+    for ti in range(len(temps)):
+        per = [statistics(energy[ti * replicas + k]) for k in range(replicas)]
+        mean = float(np.mean([s.mean for s in per]))
+        err = float(np.sqrt(np.sum([s.error_of_mean**2 for s in per])) / replicas)
+        stats_t.append(Stats(mean=mean, error_of_mean=err, variance=float(np.mean([s.variance for s in per])),
+                             tau=float(np.max([s.tau for s in per])), n=int(sum(s.n for s in per)),
+                             n_eff=float(sum(s.n_eff for s in per))))
+    tau_final = np.array([s.tau for s in stats_t])
+    metadata = {
+        "generator": "hgvae simulate",
+        "hgvae_version": __version__,
+        "algorithm": moves.describe(),
+        "sweep_definition": "one sweep = Wolff clusters + 1 checkerboard Metropolis sweep + over-relaxation sweeps",
+        "backend": sampler.backend,
+        "device": device,
+        "seed": int(seed),
+        "size": int(size),
+        "temperatures": temps.tolist(),
+        "samples_per_temperature": int(samples),
+        "replicas": replicas,
+        "start": opts["start"],
+        "sweeps": {
+            "tune": int(opts["tune_sweeps"]),
+            "thermalization": int(done),
+            "spacing": int(spacing),
+            "production": int(per_replica * spacing),
+            "total": int(opts["tune_sweeps"] + done + per_replica * spacing),
+        },
+        "tau_definition": "energy integrated autocorrelation time tau_int = 1/2 + sum_t rho(t) in sweeps "
+                          "(FFT, Sokal window c=5); samples spaced by >= spacing_factor * max tau",
+        "tau": tau_final.round(4).tolist(),
+        "tau_pilot": taus.reshape(len(temps), replicas).max(axis=1).round(4).tolist(),
+        "spacing_factor": float(opts["spacing_factor"]),
+        "spacing_ok": bool(spacing >= opts["spacing_factor"] * tau_final.max() * 0.999),
+        "equilibration_capped": hit_max,
+        "energy_mean": [s.mean for s in stats_t],
+        "energy_error": [s.error_of_mean for s in stats_t],
+        "energy_n_eff": [round(s.n_eff, 1) for s in stats_t],
+        "acceptance": acc.mean(axis=1).round(4).tolist(),
+        "metropolis_width": sampler.width.reshape(len(temps), replicas).mean(axis=1).round(4).tolist(),
+        "wolff_clusters_per_sweep": np.asarray(sampler.n_wolff).reshape(len(temps), replicas)[:, 0].tolist(),
+        "wolff_mean_cluster": mean_c.mean(axis=1).round(3).tolist(),
+        "overrelax": moves.overrelax,
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    return LatticeDataset(angles=angles, temperature=temperature, metadata=metadata)
+
+
+def summarize(dataset: LatticeDataset) -> list[TemperatureSummary]:
+    """Per-temperature energy statistics recorded in a simulated data set's metadata."""
+    md = dataset.metadata
+    out = []
+    for k, t in enumerate(md["temperatures"]):
+        e = Stats(mean=md["energy_mean"][k], error_of_mean=md["energy_error"][k], variance=float("nan"),
+                  tau=md["tau"][k], n=0, n_eff=md["energy_n_eff"][k])
+        out.append(TemperatureSummary(t, e, md["acceptance"][k], md["wolff_mean_cluster"][k],
+                                      md["wolff_clusters_per_sweep"][k], md["metropolis_width"][k]))
+    return out
