@@ -274,3 +274,42 @@ def test_single_spin_von_mises_many_kappas() -> None:
         angles = _single_site_chain(h[0], h[1], np.float32(beta), np.float32(1.0), 400_000, 8, True, s0[0], s1[0])
         m = statistics(np.cos(angles - math.atan2(h[1], h[0])))
         assert abs(m.mean - special.i1(kappa) / special.i0(kappa)) < 5 * m.error_of_mean
+
+
+# ---------------------------------------------------------------------------------------------- torch backend
+# (the CUDA path; its moves are checked here on the CPU, small)
+
+
+def test_torch_cluster_labels_match_connected_components() -> None:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from training.montecarlo_torch import TorchSampler
+
+    size, nrep = 9, 4
+    gen = torch.Generator().manual_seed(2)
+    bx = torch.rand((nrep, size, size), generator=gen) < 0.55
+    by = torch.rand((nrep, size, size), generator=gen) < 0.55
+    labels = TorchSampler.label_clusters(bx, by).numpy()
+    idx = np.arange(size * size).reshape(size, size)
+    for r in range(nrep):
+        src = np.concatenate([idx[bx[r].numpy()], idx[by[r].numpy()]])
+        dst = np.concatenate([np.roll(idx, -1, 1)[bx[r].numpy()], np.roll(idx, -1, 0)[by[r].numpy()]])
+        graph = coo_matrix((np.ones(len(src)), (src, dst)), shape=(size * size,) * 2)
+        ncomp, comp = connected_components(graph, directed=False)
+        assert len(np.unique(labels[r])) == ncomp
+        for k in range(ncomp):  # same partition, labelled by the smallest member
+            members = np.nonzero(comp == k)[0]
+            assert np.all(labels[r].reshape(-1)[members] == members.min())
+
+
+def test_torch_backend_reproducible_and_agrees_with_numba() -> None:
+    kw = dict(tune_sweeps=50, therm_min=200)
+    a = mc.simulate(8, [0.3, 1.0], 300, seed=4, backend="torch", **kw)
+    b = mc.simulate(8, [0.3, 1.0], 6, seed=4, backend="torch", **kw)
+    assert np.array_equal(a.angles[:6], b.angles[:6]) and a.metadata["backend"] == "torch"
+    n = mc.simulate(8, [0.3, 1.0], 300, seed=4, **kw)
+    ea, erra = np.array(a.metadata["energy_mean"]), np.array(a.metadata["energy_error"])
+    en, errn = np.array(n.metadata["energy_mean"]), np.array(n.metadata["energy_error"])
+    assert np.all(np.abs(ea - en) < 5 * np.hypot(erra, errn)), (ea, en, erra, errn)
+    assert abs(ea[0] - physics.spin_wave_energy(0.3)) < 0.005 * 2

@@ -542,7 +542,7 @@ def _tune(sampler, temps_rep: np.ndarray, opts: dict[str, Any], nsite: int, pbar
             acc = sampler.acceptance()
             factor = np.clip((acc + 0.02) / opts["target_acceptance"], 0.5, 2.0)
             sampler.width = np.clip(sampler.width * factor, 0.02, 30.0).astype(np.float32)
-        if moves.wolff > 0:
+        if moves.wolff > 0 and getattr(sampler, "tunes_clusters", True):
             mean_c = np.maximum(sampler.mean_cluster(), 1.0)
             # ~wolff·N flipped sites per sweep; at most wolff·N/16 clusters, because at high T clusters are tiny
             # (there local moves decorrelate fast and a cluster costs ~10 Metropolis updates per site)
