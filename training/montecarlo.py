@@ -12,7 +12,7 @@ distribution invariant):
 * **Wolff clusters** (Wolff 1989, embedded Ising spins along a random axis r): bonds activate with
   p = 1 − exp(−2β (r·s_i)(r·s_j)); flipping the cluster beats critical slowing down near and below T_KT.
   Per temperature, the number of clusters per sweep is set from the mean cluster size measured during
-  thermalization (so a sweep flips about N spins in clusters), then frozen.
+  thermalization (so a sweep flips about `wolff`·N spins in clusters, at least one cluster), then frozen.
 
 One "sweep" = Wolff clusters + one Metropolis sweep + `overrelax` over-relaxation sweeps (the default mix).
 
@@ -228,6 +228,18 @@ def _dot_flat(xs, ys, hx, hy):
 
 
 @njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
+def _m2(xf, yf):
+    """|m|² = |(1/N) Σ_i s_i|²."""
+    mx = 0.0
+    my = 0.0
+    for k in range(xf.shape[0]):
+        mx += np.float64(xf[k])
+        my += np.float64(yf[k])
+    n = xf.shape[0]
+    return (mx * mx + my * my) / (n * n)
+
+
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
 def _lattice_pass(x, y, kind, r0, r1, w, beta, hx, hy, ex, ey):
     """One pass over both colours of one replica. kind 0: Metropolis, 1: over-relaxation, 2: energy.
 
@@ -271,23 +283,23 @@ def _wolff_cluster(xf, yf, beta, r0, r1, lane, nbr, mark, stamp, stack, stackp):
     1 − exp(−2β (r·s_i)(r·s_j)) when (r·s_i)(r·s_j) > 0, and the cluster is reflected about r's normal.
     """
     nsite = xf.shape[0]
-    v, a, b = _next(r0[lane], r1[lane])
-    r0[lane], r1[lane] = a, b
+    s0 = r0[lane]  # the stream lives in registers during the cluster, written back at the end
+    s1 = r1[lane]
+    v, s0, s1 = _next(s0, s1)
     phi = 2.0 * math.pi * (np.float64(v >> _U11) * _INV53)
-    rx = math.cos(phi)
-    ry = math.sin(phi)
-    v, a, b = _next(r0[lane], r1[lane])
-    r0[lane], r1[lane] = a, b
+    rx = np.float32(math.cos(phi))
+    ry = np.float32(math.sin(phi))
+    v, s0, s1 = _next(s0, s1)
     k0 = np.int64(v % np.uint64(nsite))
     pk = rx * xf[k0] + ry * yf[k0]
-    xf[k0] = np.float32(xf[k0] - 2.0 * pk * rx)
-    yf[k0] = np.float32(yf[k0] - 2.0 * pk * ry)
+    xf[k0] = xf[k0] - np.float32(2.0) * pk * rx
+    yf[k0] = yf[k0] - np.float32(2.0) * pk * ry
     mark[k0] = stamp
     stack[0] = k0
     stackp[0] = pk
     top = 1
     n = 1
-    m2b = -2.0 * beta
+    b2 = np.float32(2.0 * beta)
     while top > 0:
         top -= 1
         k = stack[top]
@@ -298,31 +310,33 @@ def _wolff_cluster(xf, yf, beta, r0, r1, lane, nbr, mark, stamp, stack, stackp):
                 continue
             pj = rx * xf[j] + ry * yf[j]
             t = pk * pj
-            if t <= 0.0:
+            if t <= np.float32(0.0):
                 continue
-            v, a, b = _next(r0[lane], r1[lane])
-            r0[lane], r1[lane] = a, b
-            if np.float64(v >> _U11) * _INV53 < 1.0 - math.exp(m2b * t):
+            v, s0, s1 = _next(s0, s1)
+            # join with probability 1 − e^{−2βt}: a uniform u ∈ (0, 1) exceeds e^{−2βt} with exactly that chance
+            if np.float32(v >> _U40) * _INV24 + _HALF24 > exp_neg(b2 * t):
                 mark[j] = stamp
-                nx = xf[j] - 2.0 * pj * rx
-                ny = yf[j] - 2.0 * pj * ry
-                g = 1.5 - 0.5 * (nx * nx + ny * ny)
-                xf[j] = np.float32(nx * g)
-                yf[j] = np.float32(ny * g)
+                nx = xf[j] - np.float32(2.0) * pj * rx
+                ny = yf[j] - np.float32(2.0) * pj * ry
+                g = np.float32(1.5) - np.float32(0.5) * (nx * nx + ny * ny)
+                xf[j] = nx * g
+                yf[j] = ny * g
                 stack[top] = j
                 stackp[top] = pj
                 top += 1
                 n += 1
+    r0[lane] = s0
+    r1[lane] = s1
     return n
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, error_model="numpy")
-def run_sweeps(x, y, r0, r1, beta, width, n_over, n_wolff, n_sweeps, metropolis, energy, accepted, clusters,
+def run_sweeps(x, y, r0, r1, beta, width, n_over, n_wolff, n_sweeps, metropolis, energy, mag2, accepted, clusters,
                nbr, mark, stamps, stack, stackp):
     """Advance every replica by `n_sweeps` sweeps (parallel over replicas), recording e per sweep.
 
     x, y: float32 [R, 2, L, H]; r0, r1: uint64 [R, L·H+1] (lane L·H drives the Wolff clusters);
-    energy: float64 [R, ≥n_sweeps] (per site); accepted, clusters: int64 [R, 2] accumulators
+    energy, mag2: float64 [R, ≥n_sweeps] (per site; |m|²); accepted, clusters: int64 [R, 2] accumulators
     (Metropolis accepted/proposed, Wolff flipped sites/clusters).
     """
     nrep = x.shape[0]
@@ -355,6 +369,7 @@ def run_sweeps(x, y, r0, r1, beta, width, n_over, n_wolff, n_sweeps, metropolis,
             for _ in range(n_over):
                 _lattice_pass(xr, yr, 1, rr0, rr1, w, b, hx, hy, ex, ey)
             energy[r, t] = _lattice_pass(xr, yr, 2, rr0, rr1, w, b, hx, hy, ex, ey) / nsite
+            mag2[r, t] = _m2(xf, yf)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,7 +406,7 @@ def join_lattice(split: np.ndarray) -> np.ndarray:
 class MoveSet:
     metropolis: bool = True
     overrelax: int = 2  # over-relaxation sweeps per sweep
-    wolff: float = 1.0  # Wolff-flipped sites per sweep as a fraction of N (0 disables clusters)
+    wolff: float = 0.25  # Wolff-flipped sites per sweep as a fraction of N (≥ 1 cluster; 0 disables clusters)
 
     def describe(self) -> str:
         parts = []
@@ -426,15 +441,16 @@ class NumbaSampler:
         self.mark = np.zeros((nrep, nsite), dtype=np.int64)
         self.stamps = np.zeros(nrep, dtype=np.int64)
         self.stack = np.zeros((nrep, nsite), dtype=np.int64)
-        self.stackp = np.zeros((nrep, nsite), dtype=np.float64)
+        self.stackp = np.zeros((nrep, nsite), dtype=np.float32)
         self.accepted = np.zeros((nrep, 2), dtype=np.int64)
         self.clusters = np.zeros((nrep, 2), dtype=np.int64)
 
     def sweep(self, n: int) -> np.ndarray:
         energy = np.empty((len(self.betas), n), dtype=np.float64)
+        self.mag2 = np.empty((len(self.betas), n), dtype=np.float64)  # |m|² per sweep, for τ of a slow mode
         run_sweeps(self.x, self.y, self.r0, self.r1, self.betas, self.width, self.moves.overrelax, self.n_wolff, n,
-                   self.moves.metropolis, energy, self.accepted, self.clusters, self.nbr, self.mark, self.stamps,
-                   self.stack, self.stackp)
+                   self.moves.metropolis, energy, self.mag2, self.accepted, self.clusters, self.nbr, self.mark,
+                   self.stamps, self.stack, self.stackp)
         return energy
 
     def reset_counters(self) -> None:
@@ -460,7 +476,7 @@ class NumbaSampler:
 _TUNING_DEFAULTS: dict[str, Any] = {
     "replicas": 1,  # independent chains per temperature; samples are split between them
     "overrelax": 2,
-    "wolff": 1.0,
+    "wolff": 0.25,
     "wolff_min_cluster": 16.0,  # cap on clusters per sweep: wolff·N / wolff_min_cluster
     "metropolis": True,
     "tune_sweeps": 200,  # window / cluster-count tuning (discarded)
@@ -611,16 +627,21 @@ def simulate(
 
     # 2. equilibrate until the run is long against τ: at least therm_tau·τ_max sweeps (and therm_min)
     series: list[np.ndarray] = []
+    series_m: list[np.ndarray] = []
     done = 0
     block = int(opts["therm_min"])
     hit_max = False
     while True:
         series.append(sampler.sweep(block))
+        series_m.append(sampler.mag2)
         done += block
         if pbar is not None:
             pbar.update(block)
         pilot = np.concatenate(series, axis=1)[:, done // 2 :]
-        taus = np.array([statistics(e).tau for e in pilot])
+        pilot_m = np.concatenate(series_m, axis=1)[:, done // 2 :]
+        # τ of the energy and of |m|², a slow mode near T_KT: both must be short against the run and the spacing
+        taus_e = np.array([statistics(e).tau for e in pilot])
+        taus = np.maximum(taus_e, [statistics(m).tau for m in pilot_m])
         need = max(int(opts["therm_min"]), int(math.ceil(opts["therm_tau"] * taus.max())))
         if done >= need:
             break
@@ -641,15 +662,18 @@ def simulate(
         pbar.refresh()
     snaps = np.empty((per_replica, len(temps_rep), size, size), dtype=np.float32)
     sampler.reset_counters()
-    prod = []
+    prod, prod_m = [], []
     for s in range(per_replica):
         prod.append(sampler.sweep(spacing))
+        prod_m.append(sampler.mag2)
         snaps[s] = sampler.angles()
         if pbar is not None:
             pbar.update(spacing)
     if pbar is not None:
         pbar.close()
     energy = np.concatenate([pilot, *prod], axis=1)  # pilot half + production: one contiguous equilibrium series
+    mag2 = np.concatenate([pilot_m, *prod_m], axis=1)
+    tau_m2 = np.array([statistics(m).tau for m in mag2]).reshape(len(temps), replicas).max(axis=1)
 
     # 4. assemble: temperature-major, replicas interleaved so any prefix of a temperature mixes chains
     snaps = snaps.reshape(per_replica, len(temps), replicas, size, size).transpose(1, 0, 2, 3, 4)
@@ -687,12 +711,14 @@ def simulate(
             "production": int(per_replica * spacing),
             "total": int(opts["tune_sweeps"] + done + per_replica * spacing),
         },
-        "tau_definition": "energy integrated autocorrelation time tau_int = 1/2 + sum_t rho(t) in sweeps "
-                          "(FFT, Sokal window c=5); samples spaced by >= spacing_factor * max tau",
+        "tau_definition": "integrated autocorrelation time tau_int = 1/2 + sum_t rho(t) in sweeps (FFT, Sokal "
+                          "window c=5) of the energy ('tau') and of |m|^2 ('tau_m2'); samples are spaced by >= "
+                          "spacing_factor * the largest pilot tau of either",
         "tau": tau_final.round(4).tolist(),
+        "tau_m2": tau_m2.round(4).tolist(),
         "tau_pilot": taus.reshape(len(temps), replicas).max(axis=1).round(4).tolist(),
         "spacing_factor": float(opts["spacing_factor"]),
-        "spacing_ok": bool(spacing >= opts["spacing_factor"] * tau_final.max() * 0.999),
+        "spacing_ok": bool(spacing >= opts["spacing_factor"] * max(tau_final.max(), tau_m2.max()) * 0.999),
         "equilibration_capped": hit_max,
         "energy_mean": [s.mean for s in stats_t],
         "energy_error": [s.error_of_mean for s in stats_t],

@@ -138,6 +138,7 @@ class TorchSampler:
     @torch.no_grad()
     def sweep(self, n: int) -> np.ndarray:
         out = torch.empty((len(self.betas), n), dtype=torch.float64, device=self.device)
+        m2 = torch.empty_like(out)
         n_w = torch.as_tensor(self.n_wolff, device=self.device)
         for t in range(n):
             for k in range(int(self.n_wolff.max(initial=0))):
@@ -147,6 +148,8 @@ class TorchSampler:
             for _ in range(self.moves.overrelax):
                 self.overrelax()
             out[:, t] = self._energy()
+            m2[:, t] = self.sx.double().mean(dim=(-2, -1)).square() + self.sy.double().mean(dim=(-2, -1)).square()
+        self.mag2 = m2.cpu().numpy()
         self.accepted[:, 0] = self._acc.cpu().numpy()
         self.accepted[:, 1] += n * self.size * self.size * int(self.moves.metropolis)
         self.clusters[:, 0] = self._flipped.cpu().numpy()
