@@ -549,7 +549,10 @@ def _tune(sampler, temps_rep: np.ndarray, opts: dict[str, Any], nsite: int, pbar
     """Tune the Metropolis window and the Wolff cluster count per replica; frozen afterwards."""
     moves: MoveSet = sampler.moves
     block = 10
-    for _ in range(max(1, opts["tune_sweeps"] // block)):
+    n_blocks = max(1, opts["tune_sweeps"] // block)
+    flipped = np.zeros(len(temps_rep))
+    clusters = np.zeros(len(temps_rep))
+    for k in range(n_blocks):
         sampler.reset_counters()
         sampler.sweep(block)
         if pbar is not None:
@@ -559,7 +562,12 @@ def _tune(sampler, temps_rep: np.ndarray, opts: dict[str, Any], nsite: int, pbar
             factor = np.clip((acc + 0.02) / opts["target_acceptance"], 0.5, 2.0)
             sampler.width = np.clip(sampler.width * factor, 0.02, 30.0).astype(np.float32)
         if moves.wolff > 0 and getattr(sampler, "tunes_clusters", True):
-            mean_c = np.maximum(sampler.mean_cluster(), 1.0)
+            if k >= n_blocks // 2:  # cluster sizes averaged over the second half (the state has relaxed by then)
+                flipped += sampler.clusters[:, 0]
+                clusters += sampler.clusters[:, 1]
+                mean_c = np.maximum(flipped / np.maximum(clusters, 1), 1.0)
+            else:
+                mean_c = np.maximum(sampler.mean_cluster(), 1.0)
             # ~wolff·N flipped sites per sweep; at most wolff·N/16 clusters, because at high T clusters are tiny
             # (there local moves decorrelate fast and a cluster costs ~10 Metropolis updates per site)
             cap = max(1, round(moves.wolff * nsite / opts["wolff_min_cluster"]))
