@@ -91,41 +91,17 @@ def dataset(tmp_path_factory) -> Path:
 
 def train_and_promote(data: Path, name: str, seed: int) -> tuple[str, Path]:
     """A tiny real training run logged to the server, registered and promoted to @champion."""
-    try:
-        import training.registry  # noqa: F401
-        import training.train  # noqa: F401
-    except ImportError:  # TEMPORARY until the model branch lands: register the contract graph instead
-        return _register_contract_graph(name, seed)
     import torch
+
     from training.registry import promote
     from training.train import train_model
 
     torch.set_num_threads(1)
     result = train_model(data, epochs=1, batch_size=32, seed=seed, tracking_uri=MLFLOW_URI, registered_name=name)
+    # a 1-epoch model fails the quality gates by design: force past them (the gates have their own tests)
     promoted = promote(name, result.version, alias="champion", force=True, tracking_uri=MLFLOW_URI)
-    assert getattr(promoted, "passed", True) or getattr(promoted, "forced", True)
+    assert promoted.moved and any(g.name == "onnx_parity" and g.passed for g in promoted.gates), promoted.summary()
     return str(result.version), Path(result.onnx_path)
-
-
-def _register_contract_graph(name: str, seed: int) -> tuple[str, Path]:
-    import tempfile
-
-    import mlflow
-    from mlflow import MlflowClient
-
-    from tests.contract_model import contract_onnx
-
-    path = contract_onnx(Path(tempfile.mkdtemp()) / "model.onnx", L, latent=4 + seed)
-    mlflow.set_tracking_uri(MLFLOW_URI)
-    mlflow.set_experiment("hgvae-e2e")
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(path), "model")
-    client = MlflowClient(MLFLOW_URI)
-    if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name)
-    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
-    client.set_registered_model_alias(name, "champion", version)
-    return str(version), path
 
 
 def reference(onnx_path: Path, lattices: np.ndarray) -> dict[str, np.ndarray]:
