@@ -182,3 +182,37 @@ def test_executor_code_never_imports_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_real_model_from_the_registry_equals_hgvae_score_local(spark, tmp_path_factory) -> None:
+    """The trained, exported HG-VAE resolved from an MLflow registry (models:/NAME@champion): Spark's
+    output equals the local engine of `hgvae score` row by row. The model is the service tests'
+    session-wide tiny model (trained once per test session)."""
+    from service.batch import local_scorer, score_file
+    from service.runtime import OnnxModel
+    from tests._service_fixtures import real_store
+
+    store = real_store(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("spark-real")
+    rng = np.random.default_rng(3)
+    n = 150
+    angles = rng.uniform(0, 2 * np.pi, (n, store.lattice_size, store.lattice_size)).astype(np.float32)
+    temperature = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    write_lattices_parquet(tmp / "in.parquet", angles, temperature, row_group_size=40)
+    np.savez(tmp / "in.npz", angles=angles, temperature=temperature)
+
+    result = score_parquet(tmp / "in.parquet", tmp / "spark-out", f"models:/{store.name}@champion", spark=spark,
+                           tracking_uri=store.tracking_uri, partitions=3)
+    assert f"version {store.version}" in result.model and result.rows == n
+
+    local = OnnxModel(store.onnx_path, store.name, store.version, intra_op_threads=1, device="cpu")
+    local.load()
+    score_file(tmp / "in.npz", tmp / "local.npz", local_scorer(local, None), 64, False, {}, False)
+    expected = np.load(tmp / "local.npz")
+    out = read_sorted(tmp / "spark-out")
+    np.testing.assert_array_equal(out["id"], np.arange(n))
+    np.testing.assert_array_equal(out["temperature"], expected["temperature"])
+    assert set(CONTRACT_OUTPUTS) <= set(out)
+    for name in CONTRACT_OUTPUTS:
+        np.testing.assert_allclose(out[name], expected[name].reshape(n, -1).squeeze(-1) if expected[name].ndim == 1
+                                   else expected[name].reshape(n, -1), rtol=1e-5, atol=1e-5, err_msg=name)
