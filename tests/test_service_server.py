@@ -360,15 +360,6 @@ def test_bad_v2_requests_get_their_status(stubs, store):
         assert err.value.details()
 
 
-def test_expired_deadline(client):
-    from service.client import ScoringError
-
-    with pytest.raises(ScoringError) as err:
-        client.score(lattices(64), timeout=1e-6)
-    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert client.score(lattices(1)).outputs
-
-
 _shapes = st.lists(st.integers(-2, 12), min_size=0, max_size=4)
 
 
