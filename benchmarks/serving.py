@@ -33,6 +33,7 @@ L = 32
 def tiny_model(workdir: Path) -> str:
     """Train a small L=32 model with the real code; returns a local .onnx path."""
     import torch
+
     from training.montecarlo import simulate
     from training.train import train_model
 
