@@ -159,6 +159,8 @@ def serve(args: argparse.Namespace, tracking_uri: str) -> int:
         address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{server.port}"
         data = default_data_path(size)
         score = f"hgvae score --server {address} --input {shlex.quote(data)} --output scores.npz --force"
+        if not os.path.exists(data):  # champion trained elsewhere: make matching data first
+            score = f"hgvae simulate --size {size} --samples 16 --out {shlex.quote(data)} && {score}"
         snippet = (
             "import numpy as np; from service.client import ScoringClient; "
             f"c = ScoringClient('{address}'); "
