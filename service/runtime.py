@@ -109,6 +109,8 @@ def create_session(path: str | Path, device: str = "auto", intra_op_threads: int
         log.info("using CPUExecutionProvider", extra={"reason": reason})
     elif device == "cuda":
         raise ModelLoadError(f"--device cuda requested but onnxruntime offers only {available}")
+    elif device == "auto":
+        log.info("using CPUExecutionProvider", extra={"reason": "this onnxruntime build has no CUDA provider"})
     try:
         return ort.InferenceSession(str(path), _session_options(intra_op_threads), providers=["CPUExecutionProvider"])
     except Exception as exc:
