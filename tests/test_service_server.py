@@ -410,3 +410,37 @@ def test_service_modules_do_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    shape=_shapes,
+    raw=st.one_of(st.none(), st.integers(0, 2000)),
+    typed=st.integers(0, 300),
+    datatype=st.sampled_from(["FP32", "FP64", "INT8", "BYTES", ""]),
+    input_name=st.sampled_from(["lattice", "x", ""]),
+    model=st.sampled_from(["hgvae", "", "zzz"]),
+    n_raw=st.integers(0, 2),
+)
+def test_property_malformed_v2_requests_never_break_the_server(
+    stubs, store, shape, raw, typed, datatype, input_name, model, n_raw
+):
+    from service.gen import grpc_predict_v2_pb2 as v2
+
+    request = v2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name=input_name, datatype=datatype, shape=shape)
+    if raw is None:
+        tensor.contents.fp32_contents.extend([0.5] * typed)
+    else:
+        request.raw_input_contents.extend([bytes(raw)] * n_raw)
+    try:
+        resp = stubs[1].ModelInfer(request, timeout=20)
+    except grpc.RpcError as err:
+        assert err.code().name in {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}, err.details()
+        assert err.details()
+    else:
+        L = store.lattice_size
+        assert model == "hgvae" and input_name == "lattice" and datatype == "FP32"
+        assert len(shape) == 3 and shape[1:] == [L, L] and shape[0] >= 1
+        assert len(resp.raw_output_contents) == len(resp.outputs) == 11
+    assert stubs[1].ServerReady(v2.ServerReadyRequest(), timeout=20).ready
