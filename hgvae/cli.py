@@ -21,9 +21,7 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hgvae", description="Physics-guided VAE for the 2D XY model."
-    )
+    parser = argparse.ArgumentParser(prog="hgvae", description="Physics-guided VAE for the 2D XY model.")
     parser.add_argument("--version", action="version", version=f"hgvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

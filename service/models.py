@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -121,6 +122,7 @@ class Resolver:
         """Local .onnx for this source at this version (downloaded once into a private temp dir)."""
         if src.kind == "file":
             return Path(src.uri)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in server logs
         import mlflow.artifacts
 
         if src.kind == "run":

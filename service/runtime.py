@@ -66,13 +66,19 @@ def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
 
 
+def default_threads() -> int:
+    """Half the cores: the rest serve the gRPC event loop, (de)serialisation and co-located clients.
+    Measured on the 2-core dev box: 1 thread beat 2 in both p99 latency and batch-8 throughput."""
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
 def _session_options(intra_op_threads: int, quiet: bool = False) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one run at a time per model; parallelism inside ops
-    so.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
+    so.intra_op_num_threads = intra_op_threads or default_threads()
     so.inter_op_num_threads = 1
     # Spinning workers burn the cores that the gRPC event loop needs between runs.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -103,6 +109,8 @@ def create_session(path: str | Path, device: str = "auto", intra_op_threads: int
         log.info("using CPUExecutionProvider", extra={"reason": reason})
     elif device == "cuda":
         raise ModelLoadError(f"--device cuda requested but onnxruntime offers only {available}")
+    elif device == "auto":
+        log.info("using CPUExecutionProvider", extra={"reason": "this onnxruntime build has no CUDA provider"})
     try:
         return ort.InferenceSession(str(path), _session_options(intra_op_threads), providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -13,6 +13,7 @@ import hmac
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +192,8 @@ class ScoringServer:
         await self._stopped.wait()
 
 
-async def serve(settings: ServerSettings, ready_message: str | None = None) -> int:
-    """Run until SIGTERM/SIGINT; returns an exit code."""
+async def serve(settings: ServerSettings, on_ready: Callable[[ScoringServer], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns an exit code. `on_ready` runs once health is SERVING."""
     server = ScoringServer(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -204,8 +205,8 @@ async def serve(settings: ServerSettings, ready_message: str | None = None) -> i
     except Exception as exc:
         log.error("startup failed", extra={"error": str(exc)})
         return 1
-    if ready_message:
-        print(ready_message.format(port=server.port), flush=True)
+    if on_ready is not None:
+        on_ready(server)
     await stop.wait()
     await server.stop()
     return 0

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -65,9 +66,19 @@ def rpc(method: str) -> Callable:
     return deco
 
 
+_LITTLE = sys.byteorder == "little"
+_DTYPE_NAMES = {"f": "float32", "d": "float64", "l": "int64", "q": "int64", "i": "int32"}
+
+
+def little_endian_bytes(arr: np.ndarray) -> bytes:
+    if not (_LITTLE and arr.dtype.isnative):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return arr.tobytes()  # C order, copies only once
+
+
 def tensor(arr: np.ndarray) -> pb.Tensor:
-    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    return pb.Tensor(shape=arr.shape, dtype=str(arr.dtype.name), data=arr.tobytes())
+    name = _DTYPE_NAMES.get(arr.dtype.char) or arr.dtype.name
+    return pb.Tensor(shape=arr.shape, dtype=name, data=little_endian_bytes(arr))
 
 
 def model_info(served: ServedModel, max_batch_size: int) -> pb.ModelInfo:
@@ -268,7 +279,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         res = await self.dp.infer(request.model_name, request.model_version, x, outputs, _timeout(context))
         response = v2.ModelInferResponse(model_name=res.model, model_version=res.version, id=request.id)
         for name, arr in res.outputs.items():
-            arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-            response.outputs.add(name=name, datatype=_V2_TYPES.get(arr.dtype.name, arr.dtype.name), shape=arr.shape)
-            response.raw_output_contents.append(arr.tobytes())
+            dtype = _DTYPE_NAMES.get(arr.dtype.char) or arr.dtype.name
+            response.outputs.add(name=name, datatype=_V2_TYPES.get(dtype, dtype), shape=arr.shape)
+            response.raw_output_contents.append(little_endian_bytes(arr))
         return response

@@ -28,8 +28,10 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = Field(64, ge=1)
     """Most lattices (rows, not requests) concatenated into one onnxruntime call."""
 
-    max_delay_ms: float = Field(1.0, ge=0.0)
-    """Longest time the oldest waiting request is held back to fill a batch. 0: never wait."""
+    max_delay_ms: float = Field(0.0, ge=0.0)
+    """Longest time the oldest waiting request is held back to fill a batch. 0 (default, as in Triton):
+    never wait; batches still form from whatever queued while the previous batch ran. Raise it only
+    after measuring, until the latency budget is used up."""
 
     max_queue_rows: int = Field(16384, ge=1)
     """Rows allowed to wait per model; beyond that requests get RESOURCE_EXHAUSTED instead of queueing."""
@@ -53,7 +55,7 @@ class ServerSettings(BaseSettings):
     """auto: the CUDA provider when it can actually load, else CPU. cuda: fail if it cannot."""
 
     intra_op_threads: int = Field(0, ge=0)
-    """onnxruntime intra-op threads per model; 0 = one per CPU core."""
+    """onnxruntime intra-op threads per model; 0 = half the CPU cores (at least 1)."""
 
     auth_token: str | None = None
     """If set, every RPC except health must carry `authorization: Bearer <token>` (UNAUTHENTICATED otherwise)."""

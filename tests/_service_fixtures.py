@@ -32,6 +32,7 @@ class Store:
 
 def _train(home: Path, tracking_uri: str, seed: int) -> Any:
     import torch
+
     from training.montecarlo import simulate
     from training.train import train_model
 

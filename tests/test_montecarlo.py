@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from training import physics
 from training.stats import autocorrelation, statistics
 
 torch.set_num_threads(1)
+numba.set_num_threads(1)  # a shared 2-core box: the tests need correctness, not speed
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -169,6 +171,18 @@ def test_reproducible_from_seed_and_contract() -> None:
     assert md["seed"] == 3 and len(md["tau"]) == 2
     assert md["sweeps"]["spacing"] >= 2 * max(md["tau_pilot"])
     assert md["sweeps"]["thermalization"] >= 50
+
+
+def test_same_arrays_whatever_the_thread_count() -> None:
+    """One RNG stream per site and replica: the result cannot depend on how replicas are spread over threads."""
+    kw = dict(tune_sweeps=20, therm_min=50)
+    one = mc.simulate(8, [0.5, 0.9, 1.2], 4, seed=6, **kw)
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        two = mc.simulate(8, [0.5, 0.9, 1.2], 4, seed=6, **kw)
+    finally:
+        numba.set_num_threads(1)
+    assert np.array_equal(one.angles, two.angles)
 
 
 def test_replicas_split_samples() -> None:

@@ -116,6 +116,10 @@ def test_graceful_stop_finishes_in_flight_and_refuses_new(store):
     srv = ServerThread(models=[str(store.onnx_path)], max_delay_ms=400.0, max_batch_size=1024)
     x = lattices(1, seed=9)
     with ScoringClient(srv.address, timeout=20) as c, ThreadPoolExecutor(4) as pool:
+        # a deadline shorter than the batching delay expires while queued; the server keeps going
+        with pytest.raises(ScoringError) as err:
+            c.score(x, timeout=0.1)
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         futures = [pool.submit(c.score, x) for _ in range(4)]
         time.sleep(0.15)
         t0 = time.perf_counter()

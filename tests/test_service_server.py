@@ -161,7 +161,7 @@ def test_model_info(client, store):
     info = client.model_info()
     assert info["name"] == "hgvae" and info["version"] == store.version and info["alias"] == "champion"
     assert info["lattice_size"] == store.lattice_size and info["ready"]
-    assert info["outputs"] == list(OUTPUTS)
+    assert sorted(info["outputs"]) == sorted(OUTPUTS)  # names are the contract, not their order
     assert info["provider"] == "CPUExecutionProvider"
     assert info["metadata"]["hgvae.lattice_size"] == str(store.lattice_size)
     assert [m["name"] for m in client.list_models()] == ["hgvae"]
@@ -201,7 +201,7 @@ def test_v2_typed_contents_and_metadata(stubs, store):
         store.lattice_size,
         store.lattice_size,
     ]
-    assert [o.name for o in meta.outputs] == list(OUTPUTS) and meta.platform == "onnxruntime_onnx"
+    assert sorted(o.name for o in meta.outputs) == sorted(OUTPUTS) and meta.platform == "onnxruntime_onnx"
     assert v2stub.ServerLive(v2.ServerLiveRequest()).live and v2stub.ServerReady(v2.ServerReadyRequest()).ready
     assert v2stub.ModelReady(v2.ModelReadyRequest(name="hgvae")).ready
     assert not v2stub.ModelReady(v2.ModelReadyRequest(name="hgvae", version="999")).ready
@@ -360,15 +360,6 @@ def test_bad_v2_requests_get_their_status(stubs, store):
         assert err.value.details()
 
 
-def test_expired_deadline(client):
-    from service.client import ScoringError
-
-    with pytest.raises(ScoringError) as err:
-        client.score(lattices(64), timeout=1e-6)
-    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert client.score(lattices(1)).outputs
-
-
 _shapes = st.lists(st.integers(-2, 12), min_size=0, max_size=4)
 
 
@@ -419,3 +410,37 @@ def test_service_modules_do_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    shape=_shapes,
+    raw=st.one_of(st.none(), st.integers(0, 2000)),
+    typed=st.integers(0, 300),
+    datatype=st.sampled_from(["FP32", "FP64", "INT8", "BYTES", ""]),
+    input_name=st.sampled_from(["lattice", "x", ""]),
+    model=st.sampled_from(["hgvae", "", "zzz"]),
+    n_raw=st.integers(0, 2),
+)
+def test_property_malformed_v2_requests_never_break_the_server(
+    stubs, store, shape, raw, typed, datatype, input_name, model, n_raw
+):
+    from service.gen import grpc_predict_v2_pb2 as v2
+
+    request = v2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name=input_name, datatype=datatype, shape=shape)
+    if raw is None:
+        tensor.contents.fp32_contents.extend([0.5] * typed)
+    else:
+        request.raw_input_contents.extend([bytes(raw)] * n_raw)
+    try:
+        resp = stubs[1].ModelInfer(request, timeout=20)
+    except grpc.RpcError as err:
+        assert err.code().name in {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}, err.details()
+        assert err.details()
+    else:
+        L = store.lattice_size
+        assert model == "hgvae" and input_name == "lattice" and datatype == "FP32"
+        assert len(shape) == 3 and shape[1:] == [L, L] and shape[0] >= 1
+        assert len(resp.raw_output_contents) == len(resp.outputs) == 11
+    assert stubs[1].ServerReady(v2.ServerReadyRequest(), timeout=20).ready

@@ -1,0 +1,197 @@
+"""Serving benchmark (L = 32): in-process onnxruntime (the limit) vs the gRPC service.
+
+    PYTHONPATH=. python benchmarks/serving.py [--model PATH_OR_URI] [--duration 3]
+
+Without --model a tiny L = 32 HG-VAE is trained (seconds) into a temporary MLflow store with the
+real training code. The server runs as a separate `hgvae serve` process (its own GIL); the load
+generator is an asyncio client in this process using pre-built requests. Reported: lattices/s,
+p50/p99 latency at concurrency 1, 4, 16 with batch 1 and 8, and the ratios the issue targets:
+service throughput at concurrency 16 >= 70% of in-process; p99 <= 5 ms for one lattice at concurrency 1.
+The client and server share this machine's CPU, so the service numbers include the client's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+L = 32
+
+
+def tiny_model(workdir: Path) -> str:
+    """Train a small L=32 model with the real code; returns a local .onnx path."""
+    import torch
+
+    from training.montecarlo import simulate
+    from training.train import train_model
+
+    torch.set_num_threads(1)
+    os.environ["HGVAE_HOME"] = str(workdir)
+    data = simulate(size=L, temperatures=[0.7, 0.9, 1.1, 1.3], samples=16, seed=0)
+    result = train_model(data, epochs=1, batch_size=16, tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    return str(result.onnx_path)
+
+
+def local_path(model: str, workdir: Path) -> str:
+    if model.endswith(".onnx"):
+        return model
+    from service.models import Resolver, parse_source
+
+    src = parse_source(model)
+    r = Resolver()
+    return str(r.fetch(src, r.current_version(src)))
+
+
+def in_process(path: str, duration: float) -> dict[int, float]:
+    from service.runtime import OnnxModel
+
+    m = OnnxModel(path, "bench", "1")
+    m.load()
+    assert m.metadata is not None and m.metadata.lattice_size == L, "benchmark needs an L=32 model"
+    out = {}
+    rng = np.random.default_rng(0)
+    for batch in (1, 8, 64):
+        x = rng.uniform(0, 2 * np.pi, (batch, L, L)).astype(np.float32)
+        for _ in range(5):
+            m.predict(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < duration:
+            m.predict(x)
+            n += 1
+        out[batch] = n * batch / (time.perf_counter() - t0)
+    return out
+
+
+def start_server(path: str, max_batch: int, max_delay_ms: float) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hgvae",
+            "serve",
+            "--model",
+            f"hgvae={path}",
+            "--port",
+            "0",
+            "--max-batch",
+            str(max_batch),
+            "--max-delay-ms",
+            str(max_delay_ms),
+            "--log-format",
+            "json",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    address = None
+    for line in proc.stderr:
+        entry = json.loads(line)
+        if entry.get("msg") == "listening":
+            address = entry["address"]
+        if entry.get("msg") == "serving":
+            break
+    if address is None:
+        proc.kill()
+        raise RuntimeError("server did not start")
+    return proc, address
+
+
+async def load(address: str, concurrency: int, batch: int, duration: float) -> dict[str, float]:
+    import grpc
+
+    from service.gen.hgvae.v1 import scoring_pb2 as pb
+    from service.gen.hgvae.v1 import scoring_pb2_grpc as pbg
+
+    x = np.random.default_rng(1).uniform(0, 2 * np.pi, (batch, L, L)).astype(np.float32)
+    request = pb.ScoreRequest(lattices=pb.Tensor(shape=x.shape, dtype="float32", data=x.tobytes()))
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pbg.ScoringServiceStub(channel)
+        for _ in range(20):
+            await stub.Score(request)
+        stop_at = time.perf_counter() + duration
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await stub.Score(request)
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {
+        "lattices_per_s": len(lat) * batch / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "requests": len(lat),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="L=32 .onnx or models:/ URI (default: train a tiny one)")
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-delay-ms", type=float, default=0.0)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="hgvae-bench-") as tmp:
+        path = local_path(args.model, Path(tmp)) if args.model else tiny_model(Path(tmp))
+        limit_by_batch = in_process(path, args.duration)
+        limit = max(limit_by_batch.values())
+        print(f"cpu cores: {os.cpu_count()} (shared with other processes; numbers are noisy)")
+        print(
+            "in-process onnxruntime, lattices/s: "
+            + ", ".join(f"batch {b}: {v:,.0f}" for b, v in limit_by_batch.items())
+            + f"  -> limit {limit:,.0f}"
+        )
+        proc, address = start_server(path, args.max_batch, args.max_delay_ms)
+        results = {}
+        try:
+            print(f"{'conc':>4} {'batch':>5} {'lattices/s':>11} {'vs limit':>8} {'p50 ms':>7} {'p99 ms':>7}")
+            for conc in (1, 4, 16):
+                for batch in (1, 8):
+                    r = asyncio.run(load(address, conc, batch, args.duration))
+                    results[f"c{conc}_b{batch}"] = r
+                    print(
+                        f"{conc:>4} {batch:>5} {r['lattices_per_s']:>11,.0f} {r['lattices_per_s'] / limit:>8.0%} "
+                        f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
+                    )
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    best16 = max(results["c16_b1"]["lattices_per_s"], results["c16_b8"]["lattices_per_s"])
+    ratio = best16 / limit
+    p99 = results["c1_b1"]["p99_ms"]
+    print(
+        f"throughput at concurrency 16 / in-process limit: {ratio:.2f}  (target >= 0.70: "
+        f"{'PASS' if ratio >= 0.7 else 'FAIL'}; batch 1 alone: {results['c16_b1']['lattices_per_s'] / limit:.2f})"
+    )
+    print(f"p99 latency, 1 lattice, concurrency 1: {p99:.2f} ms  (target <= 5 ms: {'PASS' if p99 <= 5 else 'FAIL'})")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"limit": limit_by_batch, "service": results, "ratio16": ratio, "p99_c1_b1_ms": p99}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
