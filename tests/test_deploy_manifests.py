@@ -395,3 +395,33 @@ def test_configured_settings_are_real_service_settings(monkeypatch) -> None:
     # the pod gets SIGTERM after the preStop pause; in-flight requests need grace_s inside the budget
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pre_stop + settings.grace_s < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_every_hgvae_command_in_deploy_parses_with_the_real_cli() -> None:
+    """compose commands, the k8s/KServe container args (with $(VAR) from the ConfigMap) and the images'
+    default CMD must be accepted by `hgvae`'s own argument parser."""
+    from hgvae.cli import build_parser
+
+    parser = build_parser()
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    commands = {f"compose {name}": svc["command"] for name, svc in compose["services"].items()
+                if svc.get("image", "").startswith("hgvae") and isinstance(svc.get("command"), list)
+                and "entrypoint" not in svc}
+    (configmap,) = by_kind("ConfigMap")
+    for kind in ("Deployment", "ServingRuntime"):
+        (doc,) = by_kind(kind)
+        spec = doc["spec"]["template"]["spec"] if kind == "Deployment" else doc["spec"]
+        args = spec["containers"][0]["args"]
+        commands[kind] = [re.sub(r"\$\((\w+)\)", lambda m: configmap["data"][m.group(1)], a) for a in args]
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        (cmd,) = [list(c.value) for c in pytest.importorskip("dockerfile").parse_file(str(DEPLOY / name))
+                  if c.cmd.upper() == "CMD"]
+        commands[name] = cmd
+    assert {"compose train", "compose hgvae", "Deployment", "ServingRuntime", "Dockerfile"} <= set(commands)
+    for where, argv in commands.items():
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{where}: `hgvae {' '.join(argv)}` does not parse")
+        if args.command == "serve":
+            assert args.host == "0.0.0.0" and args.model, where  # reachable from outside the container
