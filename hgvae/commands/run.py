@@ -101,7 +101,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--size must be at least 4, --samples and --epochs at least 1")
     tracking_uri = default_tracking_uri()
     if os.environ.get("_HGVAE_RUN_CHILD"):  # the child: train + promote, no serving
-        prepare(args, tracking_uri)
+        from training.dataset import DatasetError
+
+        try:
+            prepare(args, tracking_uri)
+        except (DatasetError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
         return 0
     version = champion_version(tracking_uri)
     if version is None or args.retrain:
