@@ -54,6 +54,23 @@ def local_path(model: str, workdir: Path) -> str:
     return str(r.fetch(src, r.current_version(src)))
 
 
+def in_process_latency(path: str, duration: float) -> tuple[float, float]:
+    """p50/p99 (ms) of one lattice through onnxruntime directly: the floor for the service's latency."""
+    from service.runtime import OnnxModel
+
+    m = OnnxModel(path, "bench", "1")
+    m.load()
+    x = np.random.default_rng(2).uniform(0, 2 * np.pi, (1, L, L)).astype(np.float32)
+    lat = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        t = time.perf_counter()
+        m.predict(x)
+        lat.append(time.perf_counter() - t)
+    ms = np.array(lat) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
 def in_process(path: str, duration: float) -> dict[int, float]:
     from service.runtime import OnnxModel
 
@@ -153,31 +170,41 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
+    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="hgvae-bench-") as tmp:
         path = local_path(args.model, Path(tmp)) if args.model else tiny_model(Path(tmp))
-        limit_by_batch = in_process(path, args.duration)
-        limit = max(limit_by_batch.values())
-        print(f"cpu cores: {os.cpu_count()} (shared with other processes; numbers are noisy)")
+        load_before = os.getloadavg()[0]
+        before = in_process(path, args.duration)
+        base_p50, base_p99 = in_process_latency(path, args.duration)
+        print(f"cpu cores: {os.cpu_count()}, load average {load_before:.1f} (shared machine: numbers are noisy)")
         print(
             "in-process onnxruntime, lattices/s: "
-            + ", ".join(f"batch {b}: {v:,.0f}" for b, v in limit_by_batch.items())
-            + f"  -> limit {limit:,.0f}"
+            + ", ".join(f"batch {b}: {v:,.0f}" for b, v in before.items())
+            + f"; one lattice p50 {base_p50:.2f} ms, p99 {base_p99:.2f} ms"
         )
         proc, address = start_server(path, args.max_batch, args.max_delay_ms)
-        results = {}
         try:
-            print(f"{'conc':>4} {'batch':>5} {'lattices/s':>11} {'vs limit':>8} {'p50 ms':>7} {'p99 ms':>7}")
             for conc in (1, 4, 16):
                 for batch in (1, 8):
-                    r = asyncio.run(load(address, conc, batch, args.duration))
-                    results[f"c{conc}_b{batch}"] = r
-                    print(
-                        f"{conc:>4} {batch:>5} {r['lattices_per_s']:>11,.0f} {r['lattices_per_s'] / limit:>8.0%} "
-                        f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
-                    )
+                    results[f"c{conc}_b{batch}"] = asyncio.run(load(address, conc, batch, args.duration))
         finally:
             proc.terminate()
             proc.wait(30)
+        # Measured again after the service ran; the higher limit counts (the stricter ratio).
+        after = in_process(path, args.duration)
+    limit_by_batch = {b: max(v, after[b]) for b, v in before.items()}
+    limit = max(limit_by_batch.values())
+    print(
+        f"in-process limit, best of before/after (load now {os.getloadavg()[0]:.1f}): {limit:,.0f} lattices/s "
+        f"(after: " + ", ".join(f"batch {b}: {v:,.0f}" for b, v in after.items()) + ")"
+    )
+    print(f"{'conc':>4} {'batch':>5} {'lattices/s':>11} {'vs limit':>8} {'p50 ms':>7} {'p99 ms':>7}")
+    for key, r in results.items():
+        conc, batch = key[1:].split("_b")
+        print(
+            f"{conc:>4} {batch:>5} {r['lattices_per_s']:>11,.0f} {r['lattices_per_s'] / limit:>8.0%} "
+            f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
+        )
     best16 = max(results["c16_b1"]["lattices_per_s"], results["c16_b8"]["lattices_per_s"])
     ratio = best16 / limit
     p99 = results["c1_b1"]["p99_ms"]
@@ -185,10 +212,23 @@ def main() -> int:
         f"throughput at concurrency 16 / in-process limit: {ratio:.2f}  (target >= 0.70: "
         f"{'PASS' if ratio >= 0.7 else 'FAIL'}; batch 1 alone: {results['c16_b1']['lattices_per_s'] / limit:.2f})"
     )
-    print(f"p99 latency, 1 lattice, concurrency 1: {p99:.2f} ms  (target <= 5 ms: {'PASS' if p99 <= 5 else 'FAIL'})")
+    print(
+        f"p99 latency, 1 lattice, concurrency 1: {p99:.2f} ms  (target <= 5 ms: {'PASS' if p99 <= 5 else 'FAIL'}; "
+        f"onnxruntime alone in this run: p99 {base_p99:.2f} ms)"
+    )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"limit": limit_by_batch, "service": results, "ratio16": ratio, "p99_c1_b1_ms": p99}, indent=2)
+            json.dumps(
+                {
+                    "limit": limit_by_batch,
+                    "service": results,
+                    "ratio16": ratio,
+                    "p99_c1_b1_ms": p99,
+                    "in_process_one_lattice_ms": [base_p50, base_p99],
+                    "load_before": load_before,
+                },
+                indent=2,
+            )
         )
     return 0
 
