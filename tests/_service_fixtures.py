@@ -47,12 +47,19 @@ def real_store(tmp_path_factory: Any) -> Store:
     if "store" in _CACHE:
         return _CACHE["store"]
     home = tmp_path_factory.mktemp("hgvae-home")
-    os.environ["HGVAE_HOME"] = str(home)  # the training code puts artifacts beside the store
     tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
     from training.registry import promote
 
-    result = _train(home, tracking_uri, seed=0)
-    promote(NAME, result.version, alias="champion", force=True, tracking_uri=tracking_uri)
+    saved = os.environ.get("HGVAE_HOME")
+    os.environ["HGVAE_HOME"] = str(home)  # the training code puts artifacts beside the store
+    try:
+        result = _train(home, tracking_uri, seed=0)
+        promote(NAME, result.version, alias="champion", force=True, tracking_uri=tracking_uri)
+    finally:  # do not leak into other tests of the session
+        if saved is None:
+            os.environ.pop("HGVAE_HOME", None)
+        else:
+            os.environ["HGVAE_HOME"] = saved
     store = Store(tracking_uri, home, NAME, str(result.version), Path(result.onnx_path), result.run_id, L)
     _CACHE["store"] = store
     return store
