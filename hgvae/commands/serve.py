@@ -13,8 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help=HELP,
-        description=HELP + ". Settings also come from HGVAE_* environment variables (see README).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=HELP + ". Unset flags fall back to HGVAE_* environment variables, then to the defaults shown.",
     )
     p.add_argument(
         "--model",
