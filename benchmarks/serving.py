@@ -91,7 +91,7 @@ def in_process(path: str, duration: float) -> dict[int, float]:
     return out
 
 
-def start_server(path: str, max_batch: int, max_delay_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(path: str, max_batch: int | None, max_delay_ms: float) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [
@@ -103,8 +103,7 @@ def start_server(path: str, max_batch: int, max_delay_ms: float) -> tuple[subpro
             f"hgvae={path}",
             "--port",
             "0",
-            "--max-batch",
-            str(max_batch),
+            *(["--max-batch", str(max_batch)] if max_batch else []),
             "--max-delay-ms",
             str(max_delay_ms),
             "--log-format",
@@ -165,7 +164,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="L=32 .onnx or models:/ URI (default: train a tiny one)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
-    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=None, help="default: the server's (16 on CPU)")
     ap.add_argument("--max-delay-ms", type=float, default=0.0)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
