@@ -22,8 +22,9 @@ import time
 import numpy as np
 
 
-def numpy_checkerboard_metropolis(theta: np.ndarray, beta: np.ndarray, delta: np.ndarray, rng: np.random.Generator,
-                                  masks: list[np.ndarray]) -> np.ndarray:
+def numpy_checkerboard_metropolis(
+    theta: np.ndarray, beta: np.ndarray, delta: np.ndarray, rng: np.random.Generator, masks: list[np.ndarray]
+) -> np.ndarray:
     """One sweep of the textbook numpy Metropolis: theta [R, L, L], beta and delta [R]."""
     b = beta[:, None, None]
     d = delta[:, None, None]
@@ -82,8 +83,10 @@ def main() -> None:
     size, ntemp = 32, 32
     temps = np.linspace(0.1, 2.0, ntemp)
     nsite = size * size
-    print(f"# hgvae Monte Carlo benchmark  (numba {numba.__version__}, {numba.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f})")
+    print(
+        f"# hgvae Monte Carlo benchmark  (numba {numba.__version__}, {numba.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f})"
+    )
     print(f"## 1. spin updates per second, L={size}, {ntemp} temperatures {temps[0]:.1f}..{temps[-1]:.1f}")
 
     np_rate = time_numpy(size, temps, max(3, int(30 * q)))
@@ -107,28 +110,38 @@ def main() -> None:
         wolff_sites = s.clusters[:, 0].sum() / max(1, int(1000 * q)) if s.moves.wolff > 0 else 0.0
         rates[name] = sps * (per_sweep + wolff_sites)
         rates[name + "_sweeps"] = sps
-    print(f"numba checkerboard Metropolis (like for like) {rates['metropolis'] / 1e6:9.2f} M updates/s   "
-          f"ratio vs numpy: {rates['metropolis'] / np_rate:6.1f}x  (target >= 30x)")
-    print(f"numba over-relaxation                         {rates['overrelax'] / 1e6:9.2f} M updates/s   "
-          f"ratio vs numpy: {rates['overrelax'] / np_rate:6.1f}x")
-    print(f"numba production mix (Wolff+Metro+2 OR)       {rates['production'] / 1e6:9.2f} M updates/s   "
-          f"ratio vs numpy: {rates['production'] / np_rate:6.1f}x  ({rates['production_sweeps']:.0f} sweeps/s of all "
-          f"{ntemp} lattices; every update counted: Metropolis + OR site visits + Wolff-flipped spins)")
+    print(
+        f"numba checkerboard Metropolis (like for like) {rates['metropolis'] / 1e6:9.2f} M updates/s   "
+        f"ratio vs numpy: {rates['metropolis'] / np_rate:6.1f}x  (target >= 30x)"
+    )
+    print(
+        f"numba over-relaxation                         {rates['overrelax'] / 1e6:9.2f} M updates/s   "
+        f"ratio vs numpy: {rates['overrelax'] / np_rate:6.1f}x"
+    )
+    print(
+        f"numba production mix (Wolff+Metro+2 OR)       {rates['production'] / 1e6:9.2f} M updates/s   "
+        f"ratio vs numpy: {rates['production'] / np_rate:6.1f}x  ({rates['production_sweeps']:.0f} sweeps/s of all "
+        f"{ntemp} lattices; every update counted: Metropolis + OR site visits + Wolff-flipped spins)"
+    )
     numba.set_num_threads(1)  # the numpy baseline uses one core: show the per-core ratio too
     s1 = mc.tuned_sampler(size, temps, seed=1, tune_sweeps=20, metropolis=True, overrelax=0, wolff=0.0)
     sps1, _ = time_numba(s1, max(20, int(500 * q)))
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     rate1 = sps1 * ntemp * nsite
-    print(f"numba checkerboard Metropolis, 1 thread       {rate1 / 1e6:9.2f} M updates/s   "
-          f"ratio vs numpy: {rate1 / np_rate:6.1f}x  (per core)")
+    print(
+        f"numba checkerboard Metropolis, 1 thread       {rate1 / 1e6:9.2f} M updates/s   "
+        f"ratio vs numpy: {rate1 / np_rate:6.1f}x  (per core)"
+    )
     print("(all numba rates include one energy and |m|² measurement per sweep; numpy's include none)")
 
     # ---------------------------------------------------------------------------------------------------
     t_kt, reps = 0.9, 8
     n_sw = int(20000 * q)
-    print(f"\n## 2. autocorrelation at T={t_kt}, L={size} ({reps} independent chains per mix, {n_sw} sweeps each "
-          "(plain Metropolis: 2x) after tuning + 2000 equilibration sweeps; τ_int in sweeps, Sokal convention: "
-          "0.5 = independent)")
+    print(
+        f"\n## 2. autocorrelation at T={t_kt}, L={size} ({reps} independent chains per mix, {n_sw} sweeps each "
+        "(plain Metropolis: 2x) after tuning + 2000 equilibration sweeps; τ_int in sweeps, Sokal convention: "
+        "0.5 = independent)"
+    )
     print("   τ_E: energy (the issue's measure; a fast mode).  τ_M: |m|², a slow mode near T_KT.")
     results = {}
     mixes = [
@@ -150,9 +163,11 @@ def main() -> None:
         tau_m = float(np.mean([statistics(m).tau for m in s.mag2]))
         sweep_rate = sweeps * reps / dt  # lattice-sweeps per second (all chains advance in parallel)
         results[name] = (tau, tau_m, sweep_rate)
-        print(f"{name:40s} τ_E = {tau:6.2f} ± {tau_err:4.2f}  τ_M = {tau_m:7.2f}   {sweep_rate:8.0f} lattice-sweeps/s  "
-              f"n_eff/s: E {sweep_rate / (2 * tau):8.0f}, M {sweep_rate / (2 * tau_m):8.0f}   "
-              f"<e> = {np.mean([x.mean for x in st]):.5f}")
+        print(
+            f"{name:40s} τ_E = {tau:6.2f} ± {tau_err:4.2f}  τ_M = {tau_m:7.2f}   {sweep_rate:8.0f} lattice-sweeps/s  "
+            f"n_eff/s: E {sweep_rate / (2 * tau):8.0f}, M {sweep_rate / (2 * tau_m):8.0f}   "
+            f"<e> = {np.mean([x.mean for x in st]):.5f}"
+        )
     tau_b, tau_mb, rate_b = results["plain Metropolis"]
     print("effective independent samples per second, ratio vs plain Metropolis (same numba kernels, like for like):")
     for name, (tau, tau_m, rate) in results.items():
@@ -161,8 +176,10 @@ def main() -> None:
     np_lattice_sweeps = np_rate / nsite  # the numpy baseline runs the same plain Metropolis: same τ per sweep
     tau, tau_m, rate = results["production: Wolff(0.25N) + Metro + 2 OR"]
     ratio_e, ratio_m = rate / tau / (np_lattice_sweeps / tau_b), rate / tau_m / (np_lattice_sweeps / tau_mb)
-    print(f"production vs numpy plain Metropolis (speed from part 1, τ of plain Metropolis): "
-          f"energy {ratio_e:6.1f}x   |m|² {ratio_m:7.1f}x   (target >= 5x)")
+    print(
+        f"production vs numpy plain Metropolis (speed from part 1, τ of plain Metropolis): "
+        f"energy {ratio_e:6.1f}x   |m|² {ratio_m:7.1f}x   (target >= 5x)"
+    )
 
     # ---------------------------------------------------------------------------------------------------
     print("\n## 3. CUDA, L=256, 64 temperatures")
@@ -185,8 +202,10 @@ def main() -> None:
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         per_sweep = 64 * 256 * 256 * (1 + s.moves.overrelax)
-        print(f"torch CUDA Metropolis + {s.moves.overrelax} OR: {n * per_sweep / dt / 1e9:.2f} G updates/s "
-              f"(goal > 10 G/s)")
+        print(
+            f"torch CUDA Metropolis + {s.moves.overrelax} OR: {n * per_sweep / dt / 1e9:.2f} G updates/s "
+            f"(goal > 10 G/s)"
+        )
 
 
 if __name__ == "__main__":

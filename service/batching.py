@@ -65,10 +65,22 @@ class BatchQueue:
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._closing = False
-        self._busy = False
         # One runner thread per model: batches run one after another while the next one fills up.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
         self._task = asyncio.get_running_loop().create_task(self._run_forever(), name=f"batcher-{name}")
+        self._task.add_done_callback(self._runner_done)
+
+    def _runner_done(self, task: asyncio.Task) -> None:
+        """If the runner ever dies, nobody may wait forever: fail what is queued and refuse new work."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("batch runner died", extra={"model": self.name, "error": repr(task.exception())})
+        self._closing = True
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(NotReady(f"model {self.name}: batch runner failed; retry"))
+        self._queue.clear()
+        self._queued_rows = 0
 
     @property
     def queued_rows(self) -> int:
@@ -128,7 +140,6 @@ class BatchQueue:
             batch = self._take_batch()
             if not batch:
                 continue
-            self._busy = True
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, batch)
             except BaseException as exc:  # fail every waiter in the batch, keep the loop alive
@@ -147,8 +158,6 @@ class BatchQueue:
                 for item, res in zip(batch, results, strict=True):
                     if not item.future.done():
                         item.future.set_result(res)
-            finally:
-                self._busy = False
 
     def _run_batch(self, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
         counts = [item.rows for item in batch]

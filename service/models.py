@@ -174,9 +174,12 @@ class ServedModel:
         self.model.unload()
 
 
+CPU_BATCH, GPU_BATCH = 16, 256
+
+
 @dataclass
 class BatchConfig:
-    max_batch_size: int = 64
+    max_batch_size: int | None = None  # None: by provider (CPU_BATCH / GPU_BATCH)
     max_delay_s: float = 0.001
     max_queue_rows: int = 16384
     device: str = "auto"
@@ -217,7 +220,7 @@ class ModelManager:
             src.uri,
             device=self.config.device,
             intra_op_threads=self.config.intra_op_threads,
-            warmup_rows=min(self.config.max_batch_size, 64),
+            warmup_rows=min(self.config.max_batch_size or CPU_BATCH, 64),
         )
         model.load()
         return model
@@ -225,9 +228,10 @@ class ModelManager:
     async def _load(self, src: ModelSource, version: str | None = None) -> ServedModel:
         model = await asyncio.get_running_loop().run_in_executor(None, self._load_sync, src, version)
         on_batch = (lambda rows, n=src.name: self._on_batch(n, rows)) if self._on_batch else None
+        rows = self.config.max_batch_size or (GPU_BATCH if model.provider == "CUDAExecutionProvider" else CPU_BATCH)
         batcher = BatchQueue(
             model.predict,
-            self.config.max_batch_size,
+            min(rows, self.config.max_queue_rows),
             self.config.max_delay_s,
             self.config.max_queue_rows,
             on_batch=on_batch,

@@ -118,9 +118,7 @@ class ScoringServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_ScoringServiceServicer_to_server(
-            ScoringServicer(self.dataplane, self.metrics, s.max_batch_size), server
-        )
+        pb_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(self.dataplane, self.metrics), server)
         v2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -81,7 +81,7 @@ def tensor(arr: np.ndarray) -> pb.Tensor:
     return pb.Tensor(shape=arr.shape, dtype=name, data=little_endian_bytes(arr))
 
 
-def model_info(served: ServedModel, max_batch_size: int) -> pb.ModelInfo:
+def model_info(served: ServedModel) -> pb.ModelInfo:
     m = served.model
     meta = m.metadata
     assert meta is not None
@@ -98,15 +98,15 @@ def model_info(served: ServedModel, max_batch_size: int) -> pb.ModelInfo:
         inputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape) for t in meta.inputs],
         outputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape) for t in meta.outputs],
         ready=m.ready,
-        max_batch_size=max_batch_size,
+        max_batch_size=served.batcher.max_batch_size,
         provider=m.provider,
         metadata=meta.props,
     )
 
 
 class ScoringServicer(pb_grpc.ScoringServiceServicer):
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, max_batch_size: int) -> None:
-        self.dp, self.metrics, self.max_batch_size = dataplane, metrics, max_batch_size
+    def __init__(self, dataplane: DataPlane, metrics: Metrics) -> None:
+        self.dp, self.metrics = dataplane, metrics
 
     async def _score(self, request: pb.ScoreRequest, timeout: float | None) -> pb.ScoreResponse:
         t = request.lattices
@@ -183,15 +183,13 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
 
     @rpc("GetModelInfo")
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return model_info(self.dp.model(request.model, request.version), self.max_batch_size)
+        return model_info(self.dp.model(request.model, request.version))
 
     @rpc("ListModels")
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(
-            models=[model_info(s, self.max_batch_size) for s in self.dp.models.current.values()]
-        )
+        return pb.ListModelsResponse(models=[model_info(s) for s in self.dp.models.current.values()])
 
 
 class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):

@@ -25,8 +25,10 @@ class ServerSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port; 0 picks a free port (tests)."""
 
-    max_batch_size: int = Field(64, ge=1)
-    """Most lattices (rows, not requests) concatenated into one onnxruntime call."""
+    max_batch_size: int | None = Field(None, ge=1)
+    """Most lattices (rows, not requests) concatenated into one onnxruntime call. None (default):
+    16 on the CPU provider (measured: per-lattice throughput of the L=32 HG-VAE peaks at batch 4-16
+    on CPU and drops ~30% at 64, out of cache), 256 on CUDA."""
 
     max_delay_ms: float = Field(0.0, ge=0.0)
     """Longest time the oldest waiting request is held back to fill a batch. 0 (default, as in Triton):
@@ -76,7 +78,7 @@ class ServerSettings(BaseSettings):
     def _consistent(self) -> ServerSettings:
         if not self.models:
             raise ValueError("at least one model source is required")
-        if self.max_batch_size > self.max_queue_rows:
+        if self.max_batch_size is not None and self.max_batch_size > self.max_queue_rows:
             raise ValueError(f"max_batch_size ({self.max_batch_size}) exceeds max_queue_rows ({self.max_queue_rows})")
         if self.max_request_rows > self.max_queue_rows:
             raise ValueError(

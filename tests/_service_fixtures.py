@@ -5,6 +5,7 @@ clients and subprocess clients can all talk to it)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from collections.abc import Coroutine
@@ -38,9 +39,7 @@ def _train(home: Path, tracking_uri: str, seed: int) -> Any:
 
     torch.set_num_threads(1)
     data = simulate(size=L, temperatures=[0.6, 1.0, 1.4], samples=12, seed=seed)
-    return train_model(
-        data, epochs=1, latent_dim=2, batch_size=12, seed=seed, tracking_uri=tracking_uri, registered_name=NAME
-    )
+    return train_model(data, epochs=1, batch_size=12, seed=seed, tracking_uri=tracking_uri, registered_name=NAME)
 
 
 def real_store(tmp_path_factory: Any) -> Store:
@@ -48,37 +47,22 @@ def real_store(tmp_path_factory: Any) -> Store:
     if "store" in _CACHE:
         return _CACHE["store"]
     home = tmp_path_factory.mktemp("hgvae-home")
-    os.environ["HGVAE_HOME"] = str(home)  # the training code puts artifacts beside the store
     tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
+    from training.registry import promote
+
+    saved = os.environ.get("HGVAE_HOME")
+    os.environ["HGVAE_HOME"] = str(home)  # the training code puts artifacts beside the store
     try:
-        from training.registry import promote
-        from training.train import train_model  # noqa: F401
-    except ImportError:  # TEMPORARY (until the model branch lands): a stand-in graph with the same contract
-        store = _standin_store(home, tracking_uri)
-    else:
         result = _train(home, tracking_uri, seed=0)
         promote(NAME, result.version, alias="champion", force=True, tracking_uri=tracking_uri)
-        store = Store(tracking_uri, home, NAME, str(result.version), Path(result.onnx_path), result.run_id, L)
+    finally:  # do not leak into other tests of the session
+        if saved is None:
+            os.environ.pop("HGVAE_HOME", None)
+        else:
+            os.environ["HGVAE_HOME"] = saved
+    store = Store(tracking_uri, home, NAME, str(result.version), Path(result.onnx_path), result.run_id, L)
     _CACHE["store"] = store
     return store
-
-
-def _standin_store(home: Path, tracking_uri: str) -> Store:
-    import pytest
-    from mlflow.tracking import MlflowClient
-
-    onnx = os.environ.get("HGVAE_TEST_STANDIN_ONNX")
-    if not onnx:
-        pytest.skip("training code not available")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    exp_id = client.create_experiment("standin", artifact_location=(home / "mlartifacts").as_uri())
-    run = client.create_run(exp_id)
-    client.log_artifact(run.info.run_id, onnx, artifact_path="model")
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model(NAME)
-    mv = client.create_model_version(NAME, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
-    client.set_registered_model_alias(NAME, "champion", mv.version)
-    return Store(tracking_uri, home, NAME, str(mv.version), Path(onnx), run.info.run_id, L)
 
 
 def second_version(store: Store) -> str:
@@ -118,11 +102,18 @@ def set_alias(store: Store, version: str, alias: str = "champion") -> None:
     )
 
 
-def reference(onnx_path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    """onnxruntime run directly on the same inputs: the numbers the service must reproduce."""
+@functools.lru_cache(maxsize=4)
+def _session(onnx_path: str) -> Any:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+
+
+def reference(onnx_path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    """onnxruntime run directly on the same inputs: the numbers the service must reproduce."""
+    sess = _session(str(onnx_path))
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, {"lattice": np.asarray(x, np.float32)}), strict=True))
 

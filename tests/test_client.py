@@ -136,4 +136,5 @@ def test_async_client_mirrors_the_sync_one(server, certs, store):
     np.testing.assert_allclose(single["anomaly_map"], ref["anomaly_map"], atol=1e-5)
     np.testing.assert_allclose(streamed[1]["energy"], ref["energy"][:1], atol=1e-5)
     assert info["lattice_size"] == store.lattice_size and len(models) == 1 and health == "SERVING"
+    assert info["max_batch_size"] == 16  # the CPU default
     assert err.code == grpc.StatusCode.NOT_FOUND

@@ -200,3 +200,15 @@ def test_inconsistent_settings_are_rejected():
 
     with pytest.raises(ValueError):
         run(bad())
+
+
+def test_settings_come_from_hgvae_environment(monkeypatch):
+    from service.settings import ServerSettings
+
+    monkeypatch.setenv("HGVAE_PORT", "50999")
+    monkeypatch.setenv("HGVAE_MODELS", '["a=models:/x@champion", "/tmp/m.onnx"]')
+    monkeypatch.setenv("HGVAE_MAX_DELAY_MS", "2.5")
+    s = ServerSettings()
+    assert (s.port, s.max_delay_ms, s.host) == (50999, 2.5, "127.0.0.1")
+    assert s.models == ["a=models:/x@champion", "/tmp/m.onnx"]
+    assert ServerSettings(port=1).port == 1  # explicit values (CLI flags) win

@@ -62,7 +62,7 @@ def test_second_start_reuses_the_champion_and_prints_a_client_command(store):
 def test_fresh_store_trains_and_promotes_a_default_model(tmp_path):
     from hgvae.commands.run import champion_version
 
-    args = ["--size", "8", "--samples", "8", "--epochs", "1", "--no-serve"]
+    args = ["--size", "8", "--samples", "16", "--epochs", "1", "--no-serve"]
     proc = subprocess.run(
         [sys.executable, "-m", "hgvae", "run", *args], capture_output=True, text=True, env=_env(tmp_path), timeout=600
     )

@@ -162,7 +162,7 @@ def test_model_info(client, store):
     assert info["name"] == "hgvae" and info["version"] == store.version and info["alias"] == "champion"
     assert info["lattice_size"] == store.lattice_size and info["ready"]
     assert sorted(info["outputs"]) == sorted(OUTPUTS)  # names are the contract, not their order
-    assert info["provider"] == "CPUExecutionProvider"
+    assert info["provider"] == "CPUExecutionProvider" and info["max_batch_size"] == 32
     assert info["metadata"]["hgvae.lattice_size"] == str(store.lattice_size)
     assert [m["name"] for m in client.list_models()] == ["hgvae"]
 

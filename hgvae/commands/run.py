@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
     p.add_argument("--size", type=int, default=16, help="lattice size L of the default model")
     p.add_argument("--samples", type=int, default=64, help="configurations per temperature for the default data")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs for the default model")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs for the default model")
+    p.add_argument("--batch-size", type=int, default=32, help="minibatch size for the default model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="train and promote a new default model even if one exists")
     p.add_argument("--no-serve", action="store_true", help="stop after making sure a champion exists")
@@ -75,6 +76,7 @@ def prepare(args: argparse.Namespace, tracking_uri: str) -> str:
     print(f"hgvae run: training the default HG-VAE ({args.epochs} epochs)", file=sys.stderr)
     result = train_model(
         data,
+        batch_size=args.batch_size,
         kind="hgvae",
         epochs=args.epochs,
         seed=args.seed,
@@ -97,11 +99,16 @@ def prepare(args: argparse.Namespace, tracking_uri: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from hgvae.paths import tracking_uri as default_tracking_uri
 
-    if args.size < 4 or args.samples < 1 or args.epochs < 1:
-        raise UsageError("--size must be at least 4, --samples and --epochs at least 1")
+    if args.size < 4 or args.samples < 1 or args.epochs < 1 or args.batch_size < 1:
+        raise UsageError("--size must be at least 4, --samples, --epochs and --batch-size at least 1")
     tracking_uri = default_tracking_uri()
     if os.environ.get("_HGVAE_RUN_CHILD"):  # the child: train + promote, no serving
-        prepare(args, tracking_uri)
+        from training.dataset import DatasetError
+
+        try:
+            prepare(args, tracking_uri)
+        except (DatasetError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
         return 0
     version = champion_version(tracking_uri)
     if version is None or args.retrain:
@@ -117,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
             str(args.samples),
             "--epochs",
             str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
             "--seed",
             str(args.seed),
         ]

@@ -13,8 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help=HELP,
-        description=HELP + ". Settings also come from HGVAE_* environment variables (see README).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=HELP + ". Unset flags fall back to HGVAE_* environment variables, then to the defaults shown.",
     )
     p.add_argument(
         "--model",
@@ -25,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
-    p.add_argument("--max-batch", type=int, help="most lattices per onnxruntime call (default 64)")
+    p.add_argument("--max-batch", type=int, help="most lattices per onnxruntime call (default: 16 on CPU, 256 on CUDA)")
     p.add_argument("--max-delay-ms", type=float, help="longest wait to fill a batch, from the oldest request (0)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--poll-interval", type=float, help="seconds between registry polls for alias moves (10)")

@@ -22,14 +22,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "times of the energy; algorithm, sweeps, τ and seed are stored in the file's metadata."
         ),
     )
-    p.add_argument("--size", "-L", type=int, default=DEFAULT_SIZE,
-                   help=f"lattice size L, even, ≥ 4 (default {DEFAULT_SIZE})")
+    p.add_argument(
+        "--size", "-L", type=int, default=DEFAULT_SIZE, help=f"lattice size L, even, ≥ 4 (default {DEFAULT_SIZE})"
+    )
     p.add_argument("--temperatures", type=str, default=None, help="comma-separated temperatures, e.g. 0.5,0.9,1.3")
     p.add_argument("--tmin", type=float, default=None, help=f"lowest temperature of a grid (default {DEFAULT_TMIN})")
     p.add_argument("--tmax", type=float, default=None, help=f"highest temperature of a grid (default {DEFAULT_TMAX})")
     p.add_argument("--ntemps", type=int, default=None, help=f"number of grid temperatures (default {DEFAULT_NTEMPS})")
-    p.add_argument("--samples", "-n", type=int, default=DEFAULT_SAMPLES,
-                   help=f"configurations per temperature (default {DEFAULT_SAMPLES})")
+    p.add_argument(
+        "--samples",
+        "-n",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        help=f"configurations per temperature (default {DEFAULT_SAMPLES})",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same arrays (default 0)")
     p.add_argument("--device", type=str, default="cpu", help="cpu (numba kernels) or cuda[:k] (torch) (default cpu)")
     p.add_argument("--out", "-o", type=str, default="xy.npz", help="output .npz path (default xy.npz)")
