@@ -64,7 +64,7 @@ def main() -> int:
     parser.add_argument("--outputs", default="scalars",
                         help="'scalars' (per-lattice numbers + latents, default), 'all' (adds the three L x L "
                              "maps: ~12 KB per lattice more output) or a comma list")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=16, help="lattices per onnxruntime call, both engines")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--workdir", help="where the data goes (default: a temp dir, removed after)")
     parser.add_argument("--threads", default="2", help="local engine onnxruntime thread counts, e.g. 1,2 (default 2)")

@@ -108,7 +108,8 @@ def test_failed_task_is_retried_without_duplicates(spark, data) -> None:
     marker = data["tmp"] / "failed-once"
     out_path = data["tmp"] / "scores-retry"
     model_bytes, _ = load_model_bytes(str(data["model"]))
-    scored = score_dataframe(spark.read.parquet(str(data["input"])), model_bytes, batch_size=16,
+    # small emitted batches: the failing task has sent some rows of its partition, not all, when it dies
+    scored = score_dataframe(spark.read.parquet(str(data["input"])), model_bytes, batch_size=8, emit_rows=16,
                              outputs=["energy", "anomaly_score", "anomaly_map"], _fail_once_marker=str(marker))
     scored.write.parquet(str(out_path))
     assert marker.exists()  # a task really failed after emitting rows, and was retried
