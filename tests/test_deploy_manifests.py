@@ -389,7 +389,7 @@ def test_configured_settings_are_real_service_settings(monkeypatch) -> None:
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("HGVAE_METRICS_PORT", "9090")
     settings = ServerSettings(models=["models:/hgvae@champion"])
-    assert settings.max_batch_size == int(configmap["data"]["HGVAE_MAX_BATCH_SIZE"])
+    assert settings.poll_interval_s == float(configmap["data"]["HGVAE_POLL_INTERVAL_S"])
     assert settings.auth_token == secret["stringData"]["HGVAE_AUTH_TOKEN"]
     assert settings.metrics_port == 9090
     # the pod gets SIGTERM after the preStop pause; in-flight requests need grace_s inside the budget
