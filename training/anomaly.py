@@ -65,8 +65,11 @@ def site_features(theta: torch.Tensor, theta_hat: torch.Tensor, sigma: torch.Ten
     diag = torch.cos(up_right) + torch.cos(down_right)
     vort = physics.vortex_map(theta).abs()
     resid = torch.cos(theta - theta_hat) - torch.exp(-0.5 * sigma.square())
-    sx, sy = torch.sin(0.5 * dx) / FROZEN_EPS, torch.sin(0.5 * dy) / FROZEN_EPS  # |sin(Δ/2)| ~ |Δ|/2 near 0
-    frozen = torch.exp(-sx.square()) + torch.exp(-sy.square())
+    # An indicator, not a smooth bump: near |Δ| ≈ ε a smooth bump turns float32 rounding of the angles
+    # into visible score differences between torch and onnxruntime.
+    fx = (torch.sin(0.5 * dx).abs() < 0.5 * FROZEN_EPS).to(theta.dtype)
+    fy = (torch.sin(0.5 * dy).abs() < 0.5 * FROZEN_EPS).to(theta.dtype)
+    frozen = fx + fy
     return torch.stack([ene, diag, torch.sin(dx), torch.sin(dy), vort, resid, frozen], dim=1)
 
 
@@ -182,8 +185,17 @@ class AnomalyHead(nn.Module):
         nl = self.n_local
         local_site = ((lz - gm[:, :nl, None, None]) / gs[:, :nl, None, None]).amax(dim=1)
         glob_s = ((gz - gm[:, nl:]) / gs[:, nl:]).amax(dim=1)
-        site = torch.maximum(local_site, glob_s[:, None, None])
+        site = torch.maximum(local_site, glob_s[:, None, None])  # global evidence floors the whole map
         return site, site.amax(dim=(-2, -1))
+
+    def local_map(
+        self, theta: torch.Tensor, theta_hat: torch.Tensor, sigma: torch.Tensor, energy: torch.Tensor
+    ) -> torch.Tensor:
+        """The local part of the map alone (where in the lattice the evidence sits)."""
+        lz, _, w = self.group_stats(theta, theta_hat, sigma, energy)
+        gm, gs = w @ self.group_mean, w @ self.group_std
+        nl = self.n_local
+        return ((lz - gm[:, :nl, None, None]) / gs[:, :nl, None, None]).amax(dim=1)
 
     def forward(
         self, theta: torch.Tensor, theta_hat: torch.Tensor, sigma: torch.Tensor, energy: torch.Tensor
@@ -203,7 +215,12 @@ def _kernel_moments(e: np.ndarray, x: np.ndarray, grid: np.ndarray, width: float
     inflate it. Trailing axes beyond K (sites) are pooled.
     """
     x = x.reshape(len(e), x.shape[1], -1)  # [N, K, S]
-    wts = np.exp(-0.5 * ((e[None, :] - grid[:, None]) / width) ** 2)  # [G, N]
+    # Adaptive bandwidth: at least the grid step, and wide enough to hold ~min_n samples, so sparse
+    # energies (or a tiny calibration set) do not get spreads fitted to two or three configurations.
+    min_n = min(24, len(e))
+    dist = np.sort(np.abs(e[None, :] - grid[:, None]), axis=1)[:, min_n - 1]  # [G]
+    bw = np.maximum(width, dist)[:, None]
+    wts = np.exp(-0.5 * ((e[None, :] - grid[:, None]) / bw) ** 2)  # [G, N]
     wts /= wts.sum(axis=1, keepdims=True)
     xm = x.mean(axis=2)  # [N, K]
     means = wts @ xm  # [G, K]
@@ -253,15 +270,18 @@ def calibrate(
     width = max(step, 1e-3)
     lm, ls = _kernel_moments(e, local, grid, width)
     gm, gs = _kernel_moments(e, glob, grid, width)
-    # Features that (almost) never move at some energies, e.g. vortices at low T: floor each spread at
-    # a tenth of its largest value over the grid so that one rare event reads as z ≈ 10, not 10⁴.
-    ls = np.maximum(ls, 0.02 * ls.max(axis=0, keepdims=True))
-    gs = np.maximum(gs, 0.02 * gs.max(axis=0, keepdims=True))
-    floor = 1e-4
+    # Spreads get absolute floors on each statistic's natural scale: a feature that never moves on
+    # the normal data (no frozen bonds, no vortices at low T) must not turn one event into z ≈ 10⁶.
+    n_sites = lattice_size * lattice_size
+    loc_floor = {"energy": 2e-3, "resid": 2e-3, "frozen": 0.05}
+    glob_floor = {"diag": 2e-3, "jx": 2e-3, "jy": 2e-3, "vortex": 1.0 / n_sites, "resid": 2e-3}
+    lfl = np.array([loc_floor[f] for _ in windows(lattice_size) for f in LOCAL_FEATURES])
+    gfl = np.array([glob_floor[f] for f in GLOBAL_FEATURES])
+    ls, gs = np.maximum(ls, lfl[None, :]), np.maximum(gs, gfl[None, :])
     cal = Calibration(
         grid_lo=lo, grid_step=step,
-        local_mean=lm.astype(np.float32), local_std=np.maximum(ls, floor).astype(np.float32),
-        glob_mean=gm.astype(np.float32), glob_std=np.maximum(gs, floor).astype(np.float32),
+        local_mean=lm.astype(np.float32), local_std=ls.astype(np.float32),
+        glob_mean=gm.astype(np.float32), glob_std=gs.astype(np.float32),
         group_mean=np.zeros((n_grid, lm.shape[1] + gm.shape[1]), np.float32),
         group_std=np.ones((n_grid, lm.shape[1] + gm.shape[1]), np.float32),
         max_mean=np.zeros(n_grid, np.float32), max_std=np.ones(n_grid, np.float32),
