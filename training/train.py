@@ -355,7 +355,8 @@ def train_model(
 ) -> TrainResult:
     """Validate data, fit, evaluate, calibrate, export ONNX, log to MLflow, register a version.
 
-    `latent_dim=None` picks the default (64 for the global latent, 2·(L/2)² for a spatial one). Raises DatasetError for unusable data (before anything is logged), ValueError for bad
+    `latent_dim=None` picks the default (64 for the global latent, 2·(L/2)² for a spatial one).
+    Raises DatasetError for unusable data (before anything is logged), ValueError for bad
     hyper-parameters, TrainingDiverged if the loss becomes NaN.
     """
     import tempfile
