@@ -408,10 +408,10 @@ class MoveSet:
     overrelax: int = 2  # over-relaxation sweeps per sweep
     wolff: float = 0.25  # Wolff-flipped sites per sweep as a fraction of N (≥ 1 cluster; 0 disables clusters)
 
-    def describe(self) -> str:
+    def describe(self, backend: str = "numba") -> str:
         parts = []
         if self.wolff > 0:
-            parts.append(f"wolff(~{self.wolff:g}N sites)")
+            parts.append(f"wolff(~{self.wolff:g}N sites)" if backend == "numba" else "swendsen-wang(wolff embedding)")
         if self.metropolis:
             parts.append("checkerboard-metropolis")
         if self.overrelax:
@@ -702,8 +702,8 @@ def simulate(
     metadata = {
         "generator": "hgvae simulate",
         "hgvae_version": __version__,
-        "algorithm": moves.describe(),
-        "sweep_definition": "one sweep = Wolff clusters + 1 checkerboard Metropolis sweep + over-relaxation sweeps",
+        "algorithm": moves.describe(sampler.backend),
+        "sweep_definition": "one sweep = cluster update(s) + 1 checkerboard Metropolis sweep + over-relaxation sweeps",
         "backend": sampler.backend,
         "device": device,
         "seed": int(seed),
