@@ -150,6 +150,9 @@ def test_odd_and_tiny_sizes_rejected() -> None:
         mc.simulate(8, [0.0, 1.0], 2)
     with pytest.raises(TypeError, match="unknown"):
         mc.simulate(8, [1.0], 2, bogus=1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            mc.simulate(8, [1.0], 2, device="cuda")
 
 
 # ---------------------------------------------------------------------------------------------- simulate()

@@ -539,7 +539,12 @@ def _make_sampler(device: str, size: int, betas: np.ndarray, moves: MoveSet, see
             raise ValueError(f"the numba backend runs on the CPU only (device={device!r})")
         return NumbaSampler(size, betas, moves, seed, start)
     if backend == "torch":
+        import torch
+
         from training.montecarlo_torch import TorchSampler
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
 
         return TorchSampler(size, betas, moves, seed, start, device=device)
     raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
