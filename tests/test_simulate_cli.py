@@ -128,3 +128,12 @@ def test_cli_subprocess_no_traceback(tmp_path: Path) -> None:
         timeout=120,
     )
     assert h.returncode == 0 and "--temperatures" in h.stdout and "--force" in h.stdout
+
+
+def test_cuda_without_gpu_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["simulate", *SMALL, "--device", "cuda", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -408,10 +408,10 @@ class MoveSet:
     overrelax: int = 2  # over-relaxation sweeps per sweep
     wolff: float = 0.25  # Wolff-flipped sites per sweep as a fraction of N (≥ 1 cluster; 0 disables clusters)
 
-    def describe(self) -> str:
+    def describe(self, backend: str = "numba") -> str:
         parts = []
         if self.wolff > 0:
-            parts.append(f"wolff(~{self.wolff:g}N sites)")
+            parts.append(f"wolff(~{self.wolff:g}N sites)" if backend == "numba" else "swendsen-wang(wolff embedding)")
         if self.metropolis:
             parts.append("checkerboard-metropolis")
         if self.overrelax:
@@ -539,7 +539,12 @@ def _make_sampler(device: str, size: int, betas: np.ndarray, moves: MoveSet, see
             raise ValueError(f"the numba backend runs on the CPU only (device={device!r})")
         return NumbaSampler(size, betas, moves, seed, start)
     if backend == "torch":
+        import torch
+
         from training.montecarlo_torch import TorchSampler
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
 
         return TorchSampler(size, betas, moves, seed, start, device=device)
     raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
@@ -702,8 +707,8 @@ def simulate(
     metadata = {
         "generator": "hgvae simulate",
         "hgvae_version": __version__,
-        "algorithm": moves.describe(),
-        "sweep_definition": "one sweep = Wolff clusters + 1 checkerboard Metropolis sweep + over-relaxation sweeps",
+        "algorithm": moves.describe(sampler.backend),
+        "sweep_definition": "one sweep = cluster update(s) + 1 checkerboard Metropolis sweep + over-relaxation sweeps",
         "backend": sampler.backend,
         "device": device,
         "seed": int(seed),
