@@ -1,13 +1,15 @@
 """Batch scoring of .npz files (`hgvae score`), locally on onnxruntime or through a running server.
 
 Memory stays flat on large files: `angles` is read from the .npz member chunk by chunk (works for
-stored and deflated members), outputs go to disk-backed .npy memmaps, and the final .npz is written
-atomically (training.dataset.atomic_savez streams memmaps in 16 MiB pieces). No torch.
+stored and deflated members), outputs are appended to .npy files on disk and then streamed into the final
+.npz, which is renamed into place only when complete. No torch.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import tempfile
 import zipfile
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from training.dataset import DatasetError, atomic_savez, check_writable
+from training.dataset import DatasetError, check_writable
 
 
 class LatticeReader:
@@ -107,6 +109,50 @@ def _read_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
 ScoreFn = Callable[[Iterator[np.ndarray]], Iterator[dict[str, np.ndarray]]]
 
 
+class _NpyAppender:
+    """A .npy file written front to back: header for the final shape, then rows as they come.
+    Plain buffered writes, no memmap, so resident memory does not grow with the file."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.rows = 0
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self._fh, header)
+
+    def append(self, arr: np.ndarray) -> None:
+        if arr.shape[1:] != self.shape[1:]:
+            raise RuntimeError(f"{self.path.stem}: rows of shape {arr.shape[1:]}, expected {self.shape[1:]}")
+        self._fh.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+        self.rows += arr.shape[0]
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _write_npz_atomically(output_path: Path, files: dict[str, Path], small: dict[str, np.ndarray]) -> None:
+    """Zip finished .npy files (streamed from disk) and small arrays into output_path, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name, path in files.items():
+                    zf.write(path, arcname=f"{name}.npy")
+                for name, arr in small.items():
+                    buf = io.BytesIO()
+                    np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
+                    zf.writestr(f"{name}.npy", buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, output_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def score_file(
     input_path: str | Path,
     output_path: str | Path,
@@ -117,10 +163,15 @@ def score_file(
     progress: bool = True,
     expect_size: int | None = None,
 ) -> dict[str, Any]:
-    """Score every configuration of input_path; write one array per output (+ temperature, metadata)."""
+    """Score every configuration of input_path; write one array per output (+ temperature, metadata).
+
+    Memory stays flat: input chunks are read from the zip member, output rows are appended to .npy
+    files beside the target, and those are streamed into the final .npz, which appears atomically.
+    """
     output_path = check_writable(output_path, force)
     reader = LatticeReader(input_path)
     if expect_size is not None and reader.lattice_size != expect_size:
+        reader.close()
         raise DatasetError(
             f"{input_path}: lattices are {reader.lattice_size}x{reader.lattice_size}, the model expects "
             f"{expect_size}x{expect_size}"
@@ -129,39 +180,37 @@ def score_file(
 
     n = len(reader)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
-    outputs: dict[str, np.memmap] = {}
+    outputs: dict[str, _NpyAppender] = {}
     try:
-        bar = tqdm(total=n, unit="lattice", desc="scoring", disable=not progress, dynamic_ncols=True)
-        start = 0
-        with bar:
+        with tqdm(total=n, unit="lattice", desc="scoring", disable=not progress, dynamic_ncols=True) as bar:
+            done = 0
             for result in score_chunks(reader.chunks(chunk_rows)):
-                rows = None
+                rows = {arr.shape[0] for arr in result.values()}
+                if len(rows) != 1:
+                    raise RuntimeError(f"outputs disagree on the number of rows: {sorted(rows)}")
                 for name, arr in result.items():
                     if name not in outputs:
-                        outputs[name] = np.lib.format.open_memmap(
-                            tmp / f"{name}.npy", mode="w+", dtype=arr.dtype, shape=(n, *arr.shape[1:])
-                        )
-                    rows = arr.shape[0] if rows is None else rows
-                    if arr.shape[0] != rows:
-                        raise RuntimeError(f"output {name!r} returned {arr.shape[0]} rows, expected {rows}")
-                    outputs[name][start : start + rows] = arr
-                start += rows or 0
-                bar.update(rows or 0)
-        if start != n:
-            raise RuntimeError(f"scored {start} of {n} configurations")
-        arrays: dict[str, Any] = dict(outputs)
+                        outputs[name] = _NpyAppender(tmp / f"{name}.npy", arr.dtype, (n, *arr.shape[1:]))
+                    outputs[name].append(arr)
+                done += rows.pop()
+                bar.update(done - bar.n)
+        for w in outputs.values():
+            w.close()
+        short = {name: w.rows for name, w in outputs.items() if w.rows != n}
+        if done != n or short:
+            raise RuntimeError(f"scored {done} of {n} configurations {short or ''}".strip())
+        small: dict[str, np.ndarray] = {}
         if reader.temperature is not None:
-            arrays["temperature"] = reader.temperature
+            small["temperature"] = reader.temperature
         meta = {"input": str(input_path), "configurations": n, **(metadata or {})}
-        arrays["metadata"] = np.array(json.dumps(meta))
-        for m in outputs.values():
-            m.flush()
-        atomic_savez(output_path, force=force, **arrays)
+        small["metadata"] = np.array(json.dumps(meta))
+        _write_npz_atomically(output_path, {k: w.path for k, w in outputs.items()}, small)
     finally:
+        for w in outputs.values():
+            w.close()
         reader.close()
-        outputs.clear()
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"configurations": n, "outputs": sorted(arrays) if start == n else [], "path": str(output_path)}
+    return {"configurations": n, "outputs": sorted([*outputs, *small]), "path": str(output_path)}
 
 
 def local_scorer(model: Any, outputs: Sequence[str] | None) -> ScoreFn:

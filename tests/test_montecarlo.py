@@ -52,8 +52,10 @@ def test_tau_of_ar1_series(rho: float) -> None:
 
 def test_error_of_mean_is_calibrated() -> None:
     """Across independent correlated series, |mean − 0| / error_of_mean behaves like |N(0, 1)|."""
-    z = [statistics(ar1(0.8, 4000, seed=100 + k)).mean / statistics(ar1(0.8, 4000, seed=100 + k)).error_of_mean
-         for k in range(200)]
+    z = [
+        statistics(ar1(0.8, 4000, seed=100 + k)).mean / statistics(ar1(0.8, 4000, seed=100 + k)).error_of_mean
+        for k in range(200)
+    ]
     assert 0.8 < np.std(z) < 1.25  # a naive (τ-ignoring) error would give std ≈ 3
 
 
@@ -123,8 +125,12 @@ def test_split_layout_and_neighbour_table() -> None:
     nbr = mc.neighbour_table(size)
     for k in range(flat.size):
         y, x = divmod(int(flat[k]), size)
-        want = {((y + 1) % size) * size + x, ((y - 1) % size) * size + x,
-                y * size + (x - 1) % size, y * size + (x + 1) % size}
+        want = {
+            ((y + 1) % size) * size + x,
+            ((y - 1) % size) * size + x,
+            y * size + (x - 1) % size,
+            y * size + (x + 1) % size,
+        }
         assert {int(flat[j]) for j in nbr[k]} == want
     for c in range(2):  # colour c holds exactly the sites with (x + y) % 2 == c
         ids = split[c].reshape(-1).astype(int)

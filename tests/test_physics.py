@@ -91,8 +91,9 @@ def test_global_rotation_invariance(alpha: float) -> None:
         assert torch.allclose(a, b, atol=1e-8)
     assert torch.allclose(physics.helicity_modulus(rotated, 0.9), physics.helicity_modulus(theta, 0.9), atol=1e-9)
     sigma = 0.3 * torch.rand((5, 12, 12), generator=gen, dtype=torch.float64)
-    assert torch.allclose(physics.expected_energy_per_site(rotated, sigma),
-                          physics.expected_energy_per_site(theta, sigma), atol=1e-9)
+    assert torch.allclose(
+        physics.expected_energy_per_site(rotated, sigma), physics.expected_energy_per_site(theta, sigma), atol=1e-9
+    )
 
 
 def test_random_state_vortices_sum_to_zero_and_are_unit() -> None:

@@ -170,3 +170,28 @@ def test_bad_inputs_exit_2_with_a_message_and_write_nothing(store, data, tmp_pat
     assert "--force" in capsys.readouterr().err
     assert (tmp_path / "exists.npz").read_bytes() == b"keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_memory_stays_flat_while_scoring(store, tmp_path):
+    """Python-side allocations are bounded by the chunk, not by the file (outputs go to disk)."""
+    import tracemalloc
+
+    from service.batch import local_scorer, score_file
+    from service.runtime import OnnxModel
+
+    n, L = 3000, store.lattice_size
+    np.savez(tmp_path / "big.npz", angles=lattices(n, L, seed=8))
+    model = OnnxModel(store.onnx_path, "hgvae", "1")
+    model.load()
+    tracemalloc.start()
+    try:
+        score_file(tmp_path / "big.npz", tmp_path / "out.npz", local_scorer(model, None), chunk_rows=50, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    out_bytes = (tmp_path / "out.npz").stat().st_size
+    assert out_bytes > 2_000_000
+    print(f"peak traced {peak} B for an output of {out_bytes} B")
+    assert peak < out_bytes / 4, (peak, out_bytes)
+    with np.load(tmp_path / "out.npz") as z:
+        assert z["anomaly_map"].shape == (n, L, L)

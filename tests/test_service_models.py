@@ -80,3 +80,20 @@ def test_startup_fails_clearly_on_unknown_alias_and_duplicate_names(tmp_path_fac
         ServerThread(models=["models:/hgvae@challenger"], tracking_uri=store.tracking_uri)
     with pytest.raises(ValueError, match="explicit name"):
         ServerThread(models=[str(store.onnx_path), str(store.onnx_path)])
+
+
+def test_provider_choice_without_a_gpu(tmp_path_factory, caplog):
+    import onnxruntime as ort
+
+    from service.errors import ModelLoadError
+    from service.runtime import OnnxModel
+
+    store = real_store(tmp_path_factory)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA")
+    with caplog.at_level("INFO", logger="hgvae"):
+        auto = OnnxModel(store.onnx_path, "m", "1", device="auto")
+        assert auto.load() and auto.provider == "CPUExecutionProvider"
+    assert any("CPUExecutionProvider" in r.getMessage() for r in caplog.records)  # the choice is logged
+    with pytest.raises(ModelLoadError, match="cuda"):
+        OnnxModel(store.onnx_path, "m", "1", device="cuda").load()

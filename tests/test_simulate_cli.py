@@ -68,8 +68,9 @@ def test_existing_file_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture
         (["--device", "tpu"], "--device"),
     ],
 )
-def test_bad_arguments_one_line_error(args: list[str], message: str, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_arguments_one_line_error(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "never.npz"
     assert main(["simulate", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
@@ -80,8 +81,19 @@ def test_bad_arguments_one_line_error(args: list[str], message: str, tmp_path: P
 def test_unwritable_path_fails_before_simulating(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A huge request with a bad path must fail at once: the path is checked before any Monte Carlo."""
     t0 = time.perf_counter()
-    code = main(["simulate", "--size", "1024", "--ntemps", "64", "--samples", "100000",
-                 "--out", str(tmp_path / "missing" / "x.npz")])
+    code = main(
+        [
+            "simulate",
+            "--size",
+            "1024",
+            "--ntemps",
+            "64",
+            "--samples",
+            "100000",
+            "--out",
+            str(tmp_path / "missing" / "x.npz"),
+        ]
+    )
     assert code == 2 and time.perf_counter() - t0 < 5
     assert "does not exist" in capsys.readouterr().err
     if os.geteuid() != 0:  # root can write anywhere
@@ -97,12 +109,24 @@ def test_unwritable_path_fails_before_simulating(tmp_path: Path, capsys: pytest.
 
 def test_cli_subprocess_no_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "hgvae", "simulate", "--size", "5", "--out", str(tmp_path / "x.npz")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "hgvae", "simulate", "--size", "5", "--out", str(tmp_path / "x.npz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
-    h = subprocess.run([sys.executable, "-m", "hgvae", "simulate", "--help"], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=120)
+    h = subprocess.run(
+        [sys.executable, "-m", "hgvae", "simulate", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert h.returncode == 0 and "--temperatures" in h.stdout and "--force" in h.stdout
 
 

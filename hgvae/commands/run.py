@@ -88,7 +88,7 @@ def prepare(args: argparse.Namespace, tracking_uri: str) -> str:
     if not getattr(verdict, "passed", False):
         # The demo must end with something to serve; say plainly that a gate refused it.
         print(
-            f"hgvae run: promotion gates refused version {result.version}: {verdict}\n"
+            f"hgvae run: {verdict.summary() if hasattr(verdict, 'summary') else verdict}\n"
             "hgvae run: promoting it anyway (--force) so the service has a model; train longer for a real one",
             file=sys.stderr,
         )
