@@ -27,8 +27,12 @@ class StandIn(torch.nn.Module):
         c, s = torch.cos(x), torch.sin(x)
         mc, ms = c, s
         for _ in range(self.smooth):  # 5-point average of the unit vectors
-            mc = (mc + torch.roll(mc, 1, -1) + torch.roll(mc, -1, -1) + torch.roll(mc, 1, -2) + torch.roll(mc, -1, -2)) / 5
-            ms = (ms + torch.roll(ms, 1, -1) + torch.roll(ms, -1, -1) + torch.roll(ms, 1, -2) + torch.roll(ms, -1, -2)) / 5
+            mc = (
+                mc + torch.roll(mc, 1, -1) + torch.roll(mc, -1, -1) + torch.roll(mc, 1, -2) + torch.roll(mc, -1, -2)
+            ) / 5
+            ms = (
+                ms + torch.roll(ms, 1, -1) + torch.roll(ms, -1, -1) + torch.roll(ms, 1, -2) + torch.roll(ms, -1, -2)
+            ) / 5
         theta = torch.atan2(ms, mc)
         resultant = torch.sqrt(mc * mc + ms * ms).clamp(1e-3, 1 - 1e-6)
         sigma = torch.sqrt(-2 * torch.log(resultant))
@@ -40,23 +44,58 @@ class StandIn(torch.nn.Module):
         z = physics.wrap_angle(x - theta) / sigma
         site_nll = 0.5 * z * z + torch.log(sigma) + 0.5 * math.log(2 * math.pi)
         nll = site_nll.mean(dim=(-2, -1))
-        return (latent_mean, latent_logvar, theta, sigma, energy, energy_recon, energy_recon - energy, nll,
-                physics.vortex_density(x), nll, site_nll)
+        return (
+            latent_mean,
+            latent_logvar,
+            theta,
+            sigma,
+            energy,
+            energy_recon,
+            energy_recon - energy,
+            nll,
+            physics.vortex_density(x),
+            nll,
+            site_nll,
+        )
 
 
-OUTPUTS = ["latent_mean", "latent_logvar", "theta", "sigma", "energy", "energy_recon", "energy_discrepancy", "nll",
-           "vortex_density", "anomaly_score", "anomaly_map"]
+OUTPUTS = [
+    "latent_mean",
+    "latent_logvar",
+    "theta",
+    "sigma",
+    "energy",
+    "energy_recon",
+    "energy_discrepancy",
+    "nll",
+    "vortex_density",
+    "anomaly_score",
+    "anomaly_map",
+]
 
 
 def export_standin(path: str | Path, size: int, kind: str = "hgvae", run_id: str = "", smooth: int = 1) -> Path:
     path = Path(path)
     example = torch.rand(2, size, size) * physics.TWO_PI
-    torch.onnx.export(StandIn(smooth), (example,), str(path), input_names=["lattice"], output_names=OUTPUTS,
-                      dynamic_axes={"lattice": {0: "batch"}, **{n: {0: "batch"} for n in OUTPUTS}},
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        StandIn(smooth),
+        (example,),
+        str(path),
+        input_names=["lattice"],
+        output_names=OUTPUTS,
+        dynamic_axes={"lattice": {0: "batch"}, **{n: {0: "batch"} for n in OUTPUTS}},
+        opset_version=17,
+        dynamo=False,
+    )
     model = onnx.load(str(path))
-    meta = {"hgvae.lattice_size": str(size), "hgvae.model_kind": kind, "hgvae.latent_dim": "2",
-            "hgvae.run_id": run_id, "hgvae.calibration": "{}", "hgvae.version": "test"}
+    meta = {
+        "hgvae.lattice_size": str(size),
+        "hgvae.model_kind": kind,
+        "hgvae.latent_dim": "2",
+        "hgvae.run_id": run_id,
+        "hgvae.calibration": "{}",
+        "hgvae.version": "test",
+    }
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v

@@ -117,9 +117,7 @@ def parabolic_peak(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.clip(-b / (2 * a), x[i - 1], x[i + 1]))
 
 
-def _bootstrap(
-    groups: list[np.ndarray], statistic, n_boot: int, rng: np.random.Generator
-) -> np.ndarray:
+def _bootstrap(groups: list[np.ndarray], statistic, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """statistic(list of resampled index arrays) for n_boot resamples within each group."""
     out = np.empty(n_boot)
     for b in range(n_boot):
@@ -157,9 +155,7 @@ class HelicityCurve:
     crossing: Estimate
 
 
-def helicity_crossing(
-    angles: np.ndarray, temperature: np.ndarray, n_boot: int = 200, seed: int = 0
-) -> HelicityCurve:
+def helicity_crossing(angles: np.ndarray, temperature: np.ndarray, n_boot: int = 200, seed: int = 0) -> HelicityCurve:
     """Υ(T) per temperature and the temperature where it crosses 2T/π, with bootstrap errors.
 
     Υ = (⟨C⟩ − β⟨S²⟩)/N from the configurations at each temperature (independent samples: the data
@@ -300,21 +296,23 @@ def finite_size_fit(sizes: Sequence[int], temps: Sequence[float], errors: Sequen
     if not weighted and dof > 0:  # errors from the scatter when the points carry none
         scale = float(np.sum(resid**2) / dof)
     err = np.sqrt(np.diag(cov) * scale)
-    return _jsonable({
-        "model": "T(L) = T_KT + c / ln(L)^2",
-        "sizes": L.astype(int).tolist(),
-        "temperatures": y.tolist(),
-        "errors": s.tolist(),
-        "T_KT": float(t_kt),
-        "T_KT_error": float(err[0]) if (weighted or dof > 0) else math.nan,
-        "c": float(c),
-        "c_error": float(err[1]) if (weighted or dof > 0) else math.nan,
-        "chi2": chi2,
-        "dof": dof,
-        "reference_T_KT": T_KT,
-        "deviation_from_reference": float(t_kt - T_KT),
-        "deviation_in_sigma": float((t_kt - T_KT) / err[0]) if weighted and err[0] > 0 else math.nan,
-    })
+    return _jsonable(
+        {
+            "model": "T(L) = T_KT + c / ln(L)^2",
+            "sizes": L.astype(int).tolist(),
+            "temperatures": y.tolist(),
+            "errors": s.tolist(),
+            "T_KT": float(t_kt),
+            "T_KT_error": float(err[0]) if (weighted or dof > 0) else math.nan,
+            "c": float(c),
+            "c_error": float(err[1]) if (weighted or dof > 0) else math.nan,
+            "chi2": chi2,
+            "dof": dof,
+            "reference_T_KT": T_KT,
+            "deviation_from_reference": float(t_kt - T_KT),
+            "deviation_in_sigma": float((t_kt - T_KT) / err[0]) if weighted and err[0] > 0 else math.nan,
+        }
+    )
 
 
 def linear_fit(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -432,8 +430,15 @@ def load_model(uri: str, tracking_uri: str | None = None, cache_dir: Path | None
     else:
         raise AnalysisError(f"{uri}: no hgvae.lattice_size metadata and no static lattice size in the graph")
     kind = meta.get("hgvae.model_kind", "unknown")
-    return OnnxModel(uri=uri, path=path, metadata=meta, kind=kind, size=size,
-                     run_id=meta.get("hgvae.run_id") or None, session=session)
+    return OnnxModel(
+        uri=uri,
+        path=path,
+        metadata=meta,
+        kind=kind,
+        size=size,
+        run_id=meta.get("hgvae.run_id") or None,
+        session=session,
+    )
 
 
 # ======================================================================================================
@@ -460,8 +465,11 @@ def subsample(temperature: np.ndarray, per_temperature: int | None, seed: int = 
     temps, groups = group_by_temperature(temperature)
     keep = []
     for g in groups:
-        keep.append(g if per_temperature is None or len(g) <= per_temperature
-                    else np.sort(rng.choice(g, per_temperature, replace=False)))
+        keep.append(
+            g
+            if per_temperature is None or len(g) <= per_temperature
+            else np.sort(rng.choice(g, per_temperature, replace=False))
+        )
     return np.concatenate(keep)
 
 
@@ -506,9 +514,7 @@ def evaluate_model(
     contract_check = {
         "max_abs_energy_vs_physics": float(np.max(np.abs(out["energy"] - e_direct))),
         "max_abs_energy_recon_vs_physics": float(np.max(np.abs(out["energy_recon"] - e_rec_direct))),
-        "max_abs_discrepancy_vs_physics": float(
-            np.max(np.abs(out["energy_discrepancy"] - (e_rec_direct - e_direct)))
-        ),
+        "max_abs_discrepancy_vs_physics": float(np.max(np.abs(out["energy_discrepancy"] - (e_rec_direct - e_direct)))),
         "max_abs_vortex_density_vs_physics": float(
             np.max(np.abs(out["vortex_density"] - physics.vortex_density(x).numpy()))
         ),
@@ -540,26 +546,30 @@ def evaluate_model(
     table = []
     for t, g in zip(temps, groups, strict=True):
         mu = out["latent_mean"][g]
-        table.append({
-            "temperature": float(t),
-            "samples": len(g),
-            "energy_input": float(e_in[g].mean()),
-            "energy_reconstruction": float(per_sample["energy_reconstruction"][g].mean()),
-            "energy_sampled_reconstruction": float(per_sample["energy_sampled_reconstruction"][g].mean()),
-            "energy_discrepancy_mean": float(disc[g].mean()),
-            "energy_discrepancy_mean_abs": float(np.abs(disc[g]).mean()),
-            "relative_abs_discrepancy": float(rel[g].mean()),
-            "magnetization_input": float(per_sample["magnetization_input"][g].mean()),
-            "magnetization_theta": float(per_sample["magnetization_theta"][g].mean()),
-            "vortex_density_input": float(per_sample["vortex_density_input"][g].mean()),
-            "vortex_density_sampled_reconstruction": float(per_sample["vortex_density_sampled_reconstruction"][g].mean()),
-            "vortex_density_theta": float(per_sample["vortex_density_theta"][g].mean()),
-            "latent_order_parameter": float(r_latent[g].mean()),
-            "latent_mean_norm": float(np.linalg.norm(mu, axis=1).mean()),
-            "latent_mean_variance": float(mu.var(axis=0, ddof=1).sum()) if len(g) > 1 else math.nan,
-            "latent_posterior_variance": float(np.exp(out["latent_logvar"][g]).mean()),
-            "decoder_sigma2": float(per_sample["sigma2"][g].mean()),
-        })
+        table.append(
+            {
+                "temperature": float(t),
+                "samples": len(g),
+                "energy_input": float(e_in[g].mean()),
+                "energy_reconstruction": float(per_sample["energy_reconstruction"][g].mean()),
+                "energy_sampled_reconstruction": float(per_sample["energy_sampled_reconstruction"][g].mean()),
+                "energy_discrepancy_mean": float(disc[g].mean()),
+                "energy_discrepancy_mean_abs": float(np.abs(disc[g]).mean()),
+                "relative_abs_discrepancy": float(rel[g].mean()),
+                "magnetization_input": float(per_sample["magnetization_input"][g].mean()),
+                "magnetization_theta": float(per_sample["magnetization_theta"][g].mean()),
+                "vortex_density_input": float(per_sample["vortex_density_input"][g].mean()),
+                "vortex_density_sampled_reconstruction": float(
+                    per_sample["vortex_density_sampled_reconstruction"][g].mean()
+                ),
+                "vortex_density_theta": float(per_sample["vortex_density_theta"][g].mean()),
+                "latent_order_parameter": float(r_latent[g].mean()),
+                "latent_mean_norm": float(np.linalg.norm(mu, axis=1).mean()),
+                "latent_mean_variance": float(mu.var(axis=0, ddof=1).sum()) if len(g) > 1 else math.nan,
+                "latent_posterior_variance": float(np.exp(out["latent_logvar"][g]).mean()),
+                "decoder_sigma2": float(per_sample["sigma2"][g].mean()),
+            }
+        )
     discrepancy = {
         "mean_relative_abs_discrepancy": float(rel.mean()),
         "mean_abs_discrepancy": float(np.abs(disc).mean()),
@@ -574,9 +584,13 @@ def evaluate_model(
 
     # separation of degrees of freedom at T ≤ vortex_tmax
     low = np.flatnonzero(np.asarray(temperature) <= vortex_tmax + 1e-6)
-    separation: dict[str, Any] = {"temperature_max": vortex_tmax, "quench_steps": quench_steps,
-                                  "quench_step_size": qn.DEFAULT_STEP_SIZE, "tolerance": vortex_tolerance,
-                                  "per_temperature": []}
+    separation: dict[str, Any] = {
+        "temperature_max": vortex_tmax,
+        "quench_steps": quench_steps,
+        "quench_step_size": qn.DEFAULT_STEP_SIZE,
+        "tolerance": vortex_tolerance,
+        "per_temperature": [],
+    }
     example: dict[str, np.ndarray] = {}
     if len(low):
         quenched = qn.quench(x[low], steps=quench_steps)
@@ -588,32 +602,43 @@ def evaluate_model(
             m = t_low == t
             s_th = qn.match_vortices(v_th[m], v_q[m], vortex_tolerance)
             s_in = qn.match_vortices(v_in[m], v_q[m], vortex_tolerance)
-            separation["per_temperature"].append({
-                "temperature": float(t),
-                "configurations": int(m.sum()),
-                "vortices_per_config_input": float(np.abs(v_in[m]).sum() / m.sum()),
-                "vortices_per_config_quenched": float(np.abs(v_q[m]).sum() / m.sum()),
-                "vortices_per_config_theta": float(np.abs(v_th[m]).sum() / m.sum()),
-                "theta_vs_quenched": s_th.as_dict(),
-                "input_vs_quenched": s_in.as_dict(),
-            })
+            separation["per_temperature"].append(
+                {
+                    "temperature": float(t),
+                    "configurations": int(m.sum()),
+                    "vortices_per_config_input": float(np.abs(v_in[m]).sum() / m.sum()),
+                    "vortices_per_config_quenched": float(np.abs(v_q[m]).sum() / m.sum()),
+                    "vortices_per_config_theta": float(np.abs(v_th[m]).sum() / m.sum()),
+                    "theta_vs_quenched": s_th.as_dict(),
+                    "input_vs_quenched": s_in.as_dict(),
+                }
+            )
         total = qn.match_vortices(v_th, v_q, vortex_tolerance)
         separation["theta_vs_quenched"] = total.as_dict()
         separation["input_vs_quenched"] = qn.match_vortices(v_in, v_q, vortex_tolerance).as_dict()
         # example for the maps: the configuration with the most surviving vortices
         k = int(np.argmax(np.abs(v_q).sum(axis=(-2, -1))))
-        example = {"temperature": np.float64(t_low[k]), "input": angles[low[k]], "quenched": quenched[k].numpy(),
-                   "theta": theta[low[k]], "sigma": sigma[low[k]], "vortex_input": v_in[k],
-                   "vortex_quenched": v_q[k], "vortex_theta": v_th[k]}
+        example = {
+            "temperature": np.float64(t_low[k]),
+            "input": angles[low[k]],
+            "quenched": quenched[k].numpy(),
+            "theta": theta[low[k]],
+            "sigma": sigma[low[k]],
+            "vortex_input": v_in[k],
+            "vortex_quenched": v_q[k],
+            "vortex_theta": v_th[k],
+        }
 
     sigma2_fit = None
     cold = [row for row in table if row["temperature"] <= sigma_fit_tmax + 1e-6]
     if len(cold) >= 3:
-        sigma2_fit = linear_fit(np.array([r["temperature"] for r in cold]),
-                                np.array([r["decoder_sigma2"] for r in cold]))
+        sigma2_fit = linear_fit(
+            np.array([r["temperature"] for r in cold]), np.array([r["decoder_sigma2"] for r in cold])
+        )
         sigma2_fit["temperature_max"] = sigma_fit_tmax
-    return ModelEvaluation(model, temps, table, per_sample, discrepancy, contract_check, latent,
-                           separation, sigma2_fit, example)
+    return ModelEvaluation(
+        model, temps, table, per_sample, discrepancy, contract_check, latent, separation, sigma2_fit, example
+    )
 
 
 # ======================================================================================================
@@ -640,8 +665,12 @@ def load_data(paths: Sequence[str | os.PathLike]) -> dict[int, DataBySize]:
             raise AnalysisError(str(exc)) from exc
         by_size.setdefault(ds.size, []).append((str(p), ds))
     return {
-        size: DataBySize(size, [p for p, _ in items], np.concatenate([d.angles for _, d in items]),
-                         np.concatenate([d.temperature for _, d in items]).astype(np.float64))
+        size: DataBySize(
+            size,
+            [p for p, _ in items],
+            np.concatenate([d.angles for _, d in items]),
+            np.concatenate([d.temperature for _, d in items]).astype(np.float64),
+        )
         for size, items in sorted(by_size.items())
     }
 
@@ -698,31 +727,57 @@ def analyze(
     for m in iterator:
         if m.size not in data:
             raise AnalysisError(
-                f"{m.uri}: model is for L={m.size} but the data sets have L={sorted(data)}; add a --data set of L={m.size}"
+                f"{m.uri}: model is for L={m.size} but the data sets have L={sorted(data)}; "
+                f"add a --data set of L={m.size}"
             )
         d = data[m.size]
         keep = subsample(d.temperature, per_temperature, seed)
-        evaluations.append(evaluate_model(
-            m, d.angles[keep], d.temperature[keep], n_boot=n_boot, seed=seed, quench_steps=quench_steps,
-            vortex_tolerance=vortex_tolerance, vortex_tmax=vortex_tmax, sigma_fit_tmax=sigma_fit_tmax,
-        ))
+        evaluations.append(
+            evaluate_model(
+                m,
+                d.angles[keep],
+                d.temperature[keep],
+                n_boot=n_boot,
+                seed=seed,
+                quench_steps=quench_steps,
+                vortex_tolerance=vortex_tolerance,
+                vortex_tmax=vortex_tmax,
+                sigma_fit_tmax=sigma_fit_tmax,
+            )
+        )
 
     # (c) finite-size extrapolations
     finite_size: dict[str, Any] = {}
     hc = {s: h.crossing for s, h in helicity.items() if math.isfinite(h.crossing.value)}
     if len(hc) >= 2:
-        finite_size["helicity_crossing"] = finite_size_fit(list(hc), [e.value for e in hc.values()],
-                                                           [e.error for e in hc.values()])
+        finite_size["helicity_crossing"] = finite_size_fit(
+            list(hc), [e.value for e in hc.values()], [e.error for e in hc.values()]
+        )
     for kind in sorted({e.model.kind for e in evaluations}):
-        pts = {e.model.size: e.latent.peak for e in evaluations
-               if e.model.kind == kind and e.latent is not None and math.isfinite(e.latent.peak.value)}
+        pts = {
+            e.model.size: e.latent.peak
+            for e in evaluations
+            if e.model.kind == kind and e.latent is not None and math.isfinite(e.latent.peak.value)
+        }
         if len(pts) >= 2:
-            finite_size[f"latent_{kind}"] = finite_size_fit(list(pts), [p.value for p in pts.values()],
-                                                            [p.error for p in pts.values()])
+            finite_size[f"latent_{kind}"] = finite_size_fit(
+                list(pts), [p.value for p in pts.values()], [p.error for p in pts.values()]
+            )
 
-    summary = build_summary(data, helicity, evaluations, finite_size, __version__,
-                            settings={"per_temperature": per_temperature, "bootstrap_resamples": n_boot, "seed": seed,
-                                      "vortex_temperature_max": vortex_tmax, "sigma2_fit_temperature_max": sigma_fit_tmax})
+    summary = build_summary(
+        data,
+        helicity,
+        evaluations,
+        finite_size,
+        __version__,
+        settings={
+            "per_temperature": per_temperature,
+            "bootstrap_resamples": n_boot,
+            "seed": seed,
+            "vortex_temperature_max": vortex_tmax,
+            "sigma2_fit_temperature_max": sigma_fit_tmax,
+        },
+    )
     figures = report.write_figures(out, data, helicity, evaluations, finite_size)
     summary["figures"] = figures
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
@@ -746,13 +801,24 @@ def build_summary(
         "hgvae_version": version,
         "reference_T_KT": T_KT,
         "settings": settings,
-        "data": [{"lattice_size": s, "paths": d.paths, "configurations": len(d.angles),
-                  "temperatures": np.unique(d.temperature).tolist()} for s, d in data.items()],
+        "data": [
+            {
+                "lattice_size": s,
+                "paths": d.paths,
+                "configurations": len(d.angles),
+                "temperatures": np.unique(d.temperature).tolist(),
+            }
+            for s, d in data.items()
+        ],
         "transition_temperature": {
             "helicity_crossing": {
-                f"L{s}": {**h.crossing.as_dict(), "temperatures": h.temperatures.tolist(),
-                          "upsilon": h.upsilon.tolist(), "upsilon_error": h.upsilon_error.tolist(),
-                          "samples_per_temperature": h.samples.tolist()}
+                f"L{s}": {
+                    **h.crossing.as_dict(),
+                    "temperatures": h.temperatures.tolist(),
+                    "upsilon": h.upsilon.tolist(),
+                    "upsilon_error": h.upsilon_error.tolist(),
+                    "samples_per_temperature": h.samples.tolist(),
+                }
                 for s, h in helicity.items()
             },
             "latent": {},
@@ -763,7 +829,10 @@ def build_summary(
     for ev in evaluations:
         m = ev.model
         entry: dict[str, Any] = {
-            "uri": m.uri, "model_kind": m.kind, "lattice_size": m.size, "run_id": m.run_id,
+            "uri": m.uri,
+            "model_kind": m.kind,
+            "lattice_size": m.size,
+            "run_id": m.run_id,
             "metadata": {k: v for k, v in m.metadata.items() if k != "hgvae.calibration"},
             "per_temperature": ev.table,
             "energy_discrepancy": ev.discrepancy,
@@ -797,27 +866,48 @@ def build_summary(
 def acceptance(summary: dict[str, Any]) -> dict[str, Any]:
     """The issue's acceptance criteria, each with the measured numbers and whether it holds."""
     models = summary["models"]
-    acc: dict[str, Any] = {"latent_transition_within_5_percent_of_helicity_crossing": [],
-                           "hgvae_discrepancy_at_most_1_percent_of_abs_energy": [],
-                           "vortex_recall_theta_vs_quenched_at_least_0.8_for_T_le_1": []}
+    acc: dict[str, Any] = {
+        "latent_transition_within_5_percent_of_helicity_crossing": [],
+        "hgvae_discrepancy_at_most_1_percent_of_abs_energy": [],
+        "vortex_recall_theta_vs_quenched_at_least_0.8_for_T_le_1": [],
+    }
     for name, e in models.items():
         lat = e.get("latent_transition", {})
         if "relative_difference_to_helicity_crossing" in lat:
             rd = lat["relative_difference_to_helicity_crossing"]
-            acc["latent_transition_within_5_percent_of_helicity_crossing"].append({
-                "model": name, "lattice_size": e["lattice_size"], "latent_estimate": lat["estimate"]["value"],
-                "helicity_crossing": lat["helicity_crossing_same_L"], "relative_difference": rd,
-                "passed": bool(abs(rd) <= 0.05)})
+            acc["latent_transition_within_5_percent_of_helicity_crossing"].append(
+                {
+                    "model": name,
+                    "lattice_size": e["lattice_size"],
+                    "latent_estimate": lat["estimate"]["value"],
+                    "helicity_crossing": lat["helicity_crossing_same_L"],
+                    "relative_difference": rd,
+                    "passed": bool(abs(rd) <= 0.05),
+                }
+            )
         rel = e["energy_discrepancy"]["mean_relative_abs_discrepancy"]
-        acc["hgvae_discrepancy_at_most_1_percent_of_abs_energy"].append({
-            "model": name, "model_kind": e["model_kind"], "mean_relative_abs_discrepancy": rel,
-            "criterion_applies": e["model_kind"] == "hgvae", "passed": bool(rel <= 0.01)})
+        acc["hgvae_discrepancy_at_most_1_percent_of_abs_energy"].append(
+            {
+                "model": name,
+                "model_kind": e["model_kind"],
+                "mean_relative_abs_discrepancy": rel,
+                "criterion_applies": e["model_kind"] == "hgvae",
+                "passed": bool(rel <= 0.01),
+            }
+        )
         sep = e["vortex_separation"].get("theta_vs_quenched")
         if sep is not None:
             rec = sep["recall"]
-            acc["vortex_recall_theta_vs_quenched_at_least_0.8_for_T_le_1"].append({
-                "model": name, "lattice_size": e["lattice_size"], "recall": rec, "precision": sep["precision"],
-                "reference_vortices": sep["n_ref"], "passed": bool(rec is not None and math.isfinite(rec) and rec >= 0.8)})
+            acc["vortex_recall_theta_vs_quenched_at_least_0.8_for_T_le_1"].append(
+                {
+                    "model": name,
+                    "lattice_size": e["lattice_size"],
+                    "recall": rec,
+                    "precision": sep["precision"],
+                    "reference_vortices": sep["n_ref"],
+                    "passed": bool(rec is not None and math.isfinite(rec) and rec >= 0.8),
+                }
+            )
     return acc
 
 
@@ -836,7 +926,7 @@ def log_report(out: Path, evaluations: list[ModelEvaluation], tracking_uri: str 
         uri = paths.tracking_uri(tracking_uri)
     else:  # the embedded default, computed without creating its directory
         uri = f"sqlite:///{Path(os.environ.get('HGVAE_HOME', 'hgvae-data')).resolve() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return {"logged": [], "note": f"tracking store {uri} does not exist; report not logged"}
     try:
         from mlflow.tracking import MlflowClient

@@ -48,8 +48,11 @@ def write_figures(
             ax.errorbar(h.temperatures, h.upsilon, yerr=h.upsilon_error, marker="o", ms=3, capsize=2, label=f"L={size}")
             if math.isfinite(h.crossing.value):
                 ax.axvline(h.crossing.value, color=ax.lines[-1].get_color(), ls=":", lw=1)
-        t = np.linspace(min(h.temperatures.min() for h in helicity.values()),
-                        max(h.temperatures.max() for h in helicity.values()), 100)
+        t = np.linspace(
+            min(h.temperatures.min() for h in helicity.values()),
+            max(h.temperatures.max() for h in helicity.values()),
+            100,
+        )
         ax.plot(t, 2 * t / math.pi, "k--", label="2T/π")
         ax.axvline(T_KT, color="grey", lw=0.8, label="T_KT = 0.8929")
         ax.set(xlabel="T", ylabel="helicity modulus Υ", title="Υ(T, L) crossing 2T/π (dotted: crossings)")
@@ -67,9 +70,16 @@ def write_figures(
                 if not drawn_input:
                     ax.plot(T, [r["energy_input"] for r in ev.table], "ko", ms=4, label="input (Monte Carlo)")
                     drawn_input = True
-                ax.plot(T, [r["energy_reconstruction"] for r in ev.table], "-", label=f"{ev.model.name}: E[e] of (θ, σ)")
-                ax.plot(T, [r["energy_sampled_reconstruction"] for r in ev.table], "--",
-                        color=ax.lines[-1].get_color(), label=f"{ev.model.name}: sampled θ+σε")
+                ax.plot(
+                    T, [r["energy_reconstruction"] for r in ev.table], "-", label=f"{ev.model.name}: E[e] of (θ, σ)"
+                )
+                ax.plot(
+                    T,
+                    [r["energy_sampled_reconstruction"] for r in ev.table],
+                    "--",
+                    color=ax.lines[-1].get_color(),
+                    label=f"{ev.model.name}: sampled θ+σε",
+                )
             tt = np.linspace(0.05, 0.9, 50)
             ax.plot(tt, -2 + tt / 2 + tt**2 / 16, ":", color="grey", label="spin waves −2+T/2+T²/16")
             ax.set(xlabel="T", ylabel="energy per site e", title=f"e(T), L={size}")
@@ -92,8 +102,11 @@ def write_figures(
         fig, ax = plt.subplots(figsize=(5.5, 4.8))
         sc = ax.scatter(pc[:, 0], pc[:, 1], c=T, cmap="coolwarm", s=4, alpha=0.7)
         fig.colorbar(sc, ax=ax, label="T")
-        ax.set(xlabel=f"PC1 of latent means ({explained[0]:.0%})", ylabel=f"PC2 ({explained[1]:.0%})",
-               title=f"{name}: latent means coloured by T")
+        ax.set(
+            xlabel=f"PC1 of latent means ({explained[0]:.0%})",
+            ylabel=f"PC2 ({explained[1]:.0%})",
+            title=f"{name}: latent means coloured by T",
+        )
         ax.set_aspect("equal", adjustable="datalim")
         _save(fig, out, f"latent_means_{name}.png", figures)
 
@@ -104,8 +117,16 @@ def write_figures(
             ax.plot(lt.temperatures, lt.order_parameter, "o-", ms=3, label="⟨|μ − ⟨μ⟩|⟩ (order parameter)")
             ax.set(xlabel="T", ylabel="latent order parameter", title=f"{name}: latent order parameter")
             ax2 = ax.twinx()
-            ax2.errorbar(lt.temperatures, lt.susceptibility, yerr=lt.susceptibility_error, color="C1", marker="s",
-                         ms=3, capsize=2, label="χ_z = N·Var(|μ − ⟨μ⟩|)")
+            ax2.errorbar(
+                lt.temperatures,
+                lt.susceptibility,
+                yerr=lt.susceptibility_error,
+                color="C1",
+                marker="s",
+                ms=3,
+                capsize=2,
+                label="χ_z = N·Var(|μ − ⟨μ⟩|)",
+            )
             ax2.set_ylabel("latent susceptibility χ_z", color="C1")
             ax.axvspan(lt.peak.value - lt.peak.error, lt.peak.value + lt.peak.error, color="C1", alpha=0.2)
             ax.axvline(lt.peak.value, color="C1", label=f"latent estimate {lt.peak.value:.3f}±{lt.peak.error:.3f}")
@@ -124,9 +145,13 @@ def write_figures(
             fig, ax = plt.subplots(figsize=(5.5, 4.2))
             ax.plot(Tt, s2, "o", ms=4, label="⟨σ²⟩ (decoder spread)")
             tf = np.linspace(0, fit["temperature_max"], 20)
-            ax.plot(tf, fit["slope"] * tf + fit["intercept"], "-",
-                    label=f"fit T ≤ {fit['temperature_max']}: {fit['slope']:.3f}·T + {fit['intercept']:.3f}, "
-                          f"R²={fit['r_squared']:.3f}")
+            ax.plot(
+                tf,
+                fit["slope"] * tf + fit["intercept"],
+                "-",
+                label=f"fit T ≤ {fit['temperature_max']}: {fit['slope']:.3f}·T + {fit['intercept']:.3f}, "
+                f"R²={fit['r_squared']:.3f}",
+            )
             ax.set(xlabel="T", ylabel="⟨σ²⟩", title=f"{name}: σ² vs T (spin waves: ∝ T)")
             ax.legend(fontsize=7)
             _save(fig, out, f"sigma2_vs_temperature_{name}.png", figures)
@@ -135,8 +160,11 @@ def write_figures(
         if ev.example:
             ex = ev.example
             fig, axes = plt.subplots(1, 5, figsize=(19, 4))
-            panels = [("input", ex["input"], ex["vortex_input"]), ("quenched input", ex["quenched"], ex["vortex_quenched"]),
-                      ("mean field θ", ex["theta"], ex["vortex_theta"])]
+            panels = [
+                ("input", ex["input"], ex["vortex_input"]),
+                ("quenched input", ex["quenched"], ex["vortex_quenched"]),
+                ("mean field θ", ex["theta"], ex["vortex_theta"]),
+            ]
             for ax, (title, angle, vmap) in zip(axes[:3], panels, strict=True):
                 ax.imshow(np.mod(angle, 2 * math.pi), cmap="twilight", vmin=0, vmax=2 * math.pi, origin="lower")
                 _mark_vortices(ax, vmap)
@@ -163,8 +191,13 @@ def write_figures(
             ax.errorbar(x, fit["temperatures"], yerr=err, fmt="o", capsize=2, label=label)
             xx = np.linspace(0, x.max() * 1.05, 20)
             tk_err = fit["T_KT_error"] if fit["T_KT_error"] is not None else float("nan")
-            ax.plot(xx, fit["T_KT"] + fit["c"] * xx, "-", color=ax.lines[-1].get_color(),
-                    label=f"T_KT = {fit['T_KT']:.4f} ± {tk_err:.4f}")
+            ax.plot(
+                xx,
+                fit["T_KT"] + fit["c"] * xx,
+                "-",
+                color=ax.lines[-1].get_color(),
+                label=f"T_KT = {fit['T_KT']:.4f} ± {tk_err:.4f}",
+            )
         ax.axhline(T_KT, color="grey", lw=0.8, label="0.8929")
         ax.set(xlabel="1 / ln² L", ylabel="T(L)", title="finite-size extrapolation T(L) = T_KT + c/ln²L")
         ax.legend(fontsize=7)
@@ -201,12 +234,21 @@ def _pm(d: dict[str, Any]) -> str:
 
 
 _TABLE_COLUMNS = [
-    ("temperature", "T"), ("samples", "n"), ("energy_input", "e input"), ("energy_reconstruction", "e recon E[(θ,σ)]"),
-    ("energy_sampled_reconstruction", "e sampled"), ("energy_discrepancy_mean", "discrepancy"),
-    ("relative_abs_discrepancy", "⟨|Δe|/|e|⟩"), ("magnetization_input", "|m| input"),
-    ("vortex_density_input", "ρv input"), ("vortex_density_sampled_reconstruction", "ρv sampled"),
-    ("vortex_density_theta", "ρv θ"), ("latent_order_parameter", "⟨|μ−⟨μ⟩|⟩"),
-    ("latent_mean_variance", "Var μ (sum)"), ("latent_posterior_variance", "⟨σ_z²⟩"), ("decoder_sigma2", "⟨σ²⟩"),
+    ("temperature", "T"),
+    ("samples", "n"),
+    ("energy_input", "e input"),
+    ("energy_reconstruction", "e recon E[(θ,σ)]"),
+    ("energy_sampled_reconstruction", "e sampled"),
+    ("energy_discrepancy_mean", "discrepancy"),
+    ("relative_abs_discrepancy", "⟨|Δe|/|e|⟩"),
+    ("magnetization_input", "|m| input"),
+    ("vortex_density_input", "ρv input"),
+    ("vortex_density_sampled_reconstruction", "ρv sampled"),
+    ("vortex_density_theta", "ρv θ"),
+    ("latent_order_parameter", "⟨|μ−⟨μ⟩|⟩"),
+    ("latent_mean_variance", "Var μ (sum)"),
+    ("latent_posterior_variance", "⟨σ_z²⟩"),
+    ("decoder_sigma2", "⟨σ²⟩"),
 ]
 
 
@@ -215,98 +257,149 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += [f"hgvae {summary['hgvae_version']}. Reference T_KT = {summary['reference_T_KT']} (L → ∞).", ""]
     lines += ["Data:", ""]
     for d in summary["data"]:
-        lines.append(f"- L={d['lattice_size']}: {d['configurations']} configurations, "
-                     f"{len(d['temperatures'])} temperatures {min(d['temperatures']):.3g}…{max(d['temperatures']):.3g} "
-                     f"({', '.join(d['paths'])})")
+        lines.append(
+            f"- L={d['lattice_size']}: {d['configurations']} configurations, "
+            f"{len(d['temperatures'])} temperatures {min(d['temperatures']):.3g}…{max(d['temperatures']):.3g} "
+            f"({', '.join(d['paths'])})"
+        )
     lines.append("")
 
     # acceptance
     acc = summary["acceptance"]
     lines += ["## Acceptance (measured)", ""]
     for row in acc["latent_transition_within_5_percent_of_helicity_crossing"]:
-        lines.append(f"- latent transition, {row['model']}: {_f(row['latent_estimate'])} vs Υ crossing "
-                     f"{_f(row['helicity_crossing'])} at L={row['lattice_size']}: "
-                     f"{100 * row['relative_difference']:+.1f}% → {'PASS' if row['passed'] else 'FAIL'} (≤ 5%)")
+        lines.append(
+            f"- latent transition, {row['model']}: {_f(row['latent_estimate'])} vs Υ crossing "
+            f"{_f(row['helicity_crossing'])} at L={row['lattice_size']}: "
+            f"{100 * row['relative_difference']:+.1f}% → {'PASS' if row['passed'] else 'FAIL'} (≤ 5%)"
+        )
     for row in acc["hgvae_discrepancy_at_most_1_percent_of_abs_energy"]:
         tag = ("PASS" if row["passed"] else "FAIL") if row["criterion_applies"] else "reference (plain VAE)"
-        lines.append(f"- energy discrepancy, {row['model']}: ⟨|Δe|/|e|⟩ = {100 * row['mean_relative_abs_discrepancy']:.3f}% → {tag}")
+        lines.append(
+            f"- energy discrepancy, {row['model']}: "
+            f"⟨|Δe|/|e|⟩ = {100 * row['mean_relative_abs_discrepancy']:.3f}% → {tag}"
+        )
     for row in acc["vortex_recall_theta_vs_quenched_at_least_0.8_for_T_le_1"]:
-        lines.append(f"- vortex recall of θ vs quenched input (T ≤ 1), {row['model']}: recall {_f(row['recall'], 3)}, "
-                     f"precision {_f(row['precision'], 3)} over {row['reference_vortices']} reference vortices → "
-                     f"{'PASS' if row['passed'] else 'FAIL'} (≥ 0.8)")
+        lines.append(
+            f"- vortex recall of θ vs quenched input (T ≤ 1), {row['model']}: recall {_f(row['recall'], 3)}, "
+            f"precision {_f(row['precision'], 3)} over {row['reference_vortices']} reference vortices → "
+            f"{'PASS' if row['passed'] else 'FAIL'} (≥ 0.8)"
+        )
     lines.append("")
 
     # transition temperature
     tt = summary["transition_temperature"]
-    lines += ["## Transition temperature, three ways", "",
-              "(a) Monte Carlo: Υ(T, L) = 2T/π, linear interpolation between the bracketing temperatures, "
-              "bootstrap error over configurations. Figure: `helicity_modulus.png`.", "",
-              "| L | T (Υ = 2T/π) |", "|---|---|"]
+    lines += [
+        "## Transition temperature, three ways",
+        "",
+        "(a) Monte Carlo: Υ(T, L) = 2T/π, linear interpolation between the bracketing temperatures, "
+        "bootstrap error over configurations. Figure: `helicity_modulus.png`.",
+        "",
+        "| L | T (Υ = 2T/π) |",
+        "|---|---|",
+    ]
     for key, h in tt["helicity_crossing"].items():
         lines.append(f"| {key[1:]} | {_pm(h)} |")
-    lines += ["", "(b) Latent space, no labels: peak of the latent susceptibility χ_z(T) = N·Var(|μ − ⟨μ⟩| at T), "
-              "where μ are the encoder's latent means and ⟨μ⟩ their centroid over all samples. Below T_KT the "
-              "encoder places samples on a ring (the magnetization direction of a finite lattice); the spread of "
-              "its radius is largest where that quasi-order melts. The steepest descent of ⟨|μ − ⟨μ⟩|⟩(T) is a "
-              "second label-free estimate. Errors: bootstrap over samples.", "",
-              "| model | L | χ_z peak | steepest descent | Υ crossing (same L) | difference |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "(b) Latent space, no labels: peak of the latent susceptibility χ_z(T) = N·Var(|μ − ⟨μ⟩| at T), "
+        "where μ are the encoder's latent means and ⟨μ⟩ their centroid over all samples. Below T_KT the "
+        "encoder places samples on a ring (the magnetization direction of a finite lattice); the spread of "
+        "its radius is largest where that quasi-order melts. The steepest descent of ⟨|μ − ⟨μ⟩|⟩(T) is a "
+        "second label-free estimate. Errors: bootstrap over samples.",
+        "",
+        "| model | L | χ_z peak | steepest descent | Υ crossing (same L) | difference |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in summary["models"].items():
         lat = m.get("latent_transition")
         if not lat:
             continue
         rd = lat.get("relative_difference_to_helicity_crossing")
-        lines.append(f"| {name} | {m['lattice_size']} | {_pm(lat['estimate'])} | {_pm(lat['steepest_descent_estimate'])} | "
-                     f"{_f(lat.get('helicity_crossing_same_L'))} | {'–' if rd is None else f'{100 * rd:+.1f}%'} |")
-    lines += ["", "(c) Finite-size extrapolation T(L) = T_KT + c/ln²L (weighted least squares). Figure: `finite_size.png`.", ""]
+        lines.append(
+            f"| {name} | {m['lattice_size']} | {_pm(lat['estimate'])} | {_pm(lat['steepest_descent_estimate'])} | "
+            f"{_f(lat.get('helicity_crossing_same_L'))} | {'–' if rd is None else f'{100 * rd:+.1f}%'} |"
+        )
+    lines += [
+        "",
+        "(c) Finite-size extrapolation T(L) = T_KT + c/ln²L (weighted least squares). Figure: `finite_size.png`.",
+        "",
+    ]
     if tt["finite_size_extrapolation"]:
         lines += ["| from | sizes | T_KT | c | χ²/dof | vs 0.8929 |", "|---|---|---|---|---|---|"]
         for label, fit in tt["finite_size_extrapolation"].items():
             chi = "–" if fit["chi2"] is None else f"{fit['chi2']:.2f}/{fit['dof']}"
-            lines.append(f"| {label} | {fit['sizes']} | {_f(fit['T_KT'])} ± {_f(fit['T_KT_error'], 2)} | "
-                         f"{_f(fit['c'])} ± {_f(fit['c_error'], 2)} | {chi} | {fit['deviation_from_reference']:+.4f} |")
+            lines.append(
+                f"| {label} | {fit['sizes']} | {_f(fit['T_KT'])} ± {_f(fit['T_KT_error'], 2)} | "
+                f"{_f(fit['c'])} ± {_f(fit['c_error'], 2)} | {chi} | {fit['deviation_from_reference']:+.4f} |"
+            )
     else:
         lines.append("Not enough lattice sizes (need ≥ 2 with a crossing).")
     lines.append("")
 
     # per model
     for name, m in summary["models"].items():
-        lines += [f"## Model {name}", "", f"URI `{m['uri']}`, kind {m['model_kind']}, L={m['lattice_size']}, "
-                  f"run {m['run_id'] or '–'}.", ""]
+        lines += [
+            f"## Model {name}",
+            "",
+            f"URI `{m['uri']}`, kind {m['model_kind']}, L={m['lattice_size']}, run {m['run_id'] or '–'}.",
+            "",
+        ]
         d = m["energy_discrepancy"]
         c = m["onnx_vs_physics"]
-        lines += [f"Energy discrepancy e_recon − e_input: mean |Δe| = {_f(d['mean_abs_discrepancy'])}, "
-                  f"⟨|Δe|/|e|⟩ = {100 * d['mean_relative_abs_discrepancy']:.3f}%, mean Δe = {_f(d['mean_discrepancy'])}. "
-                  f"ONNX physics head vs training.physics: max |Δ| energy {c['max_abs_energy_vs_physics']:.2e}, "
-                  f"recon energy {c['max_abs_energy_recon_vs_physics']:.2e}, "
-                  f"vortex density {c['max_abs_vortex_density_vs_physics']:.2e}.", ""]
+        lines += [
+            f"Energy discrepancy e_recon − e_input: mean |Δe| = {_f(d['mean_abs_discrepancy'])}, "
+            f"⟨|Δe|/|e|⟩ = {100 * d['mean_relative_abs_discrepancy']:.3f}%, mean Δe = {_f(d['mean_discrepancy'])}. "
+            f"ONNX physics head vs training.physics: max |Δ| energy {c['max_abs_energy_vs_physics']:.2e}, "
+            f"recon energy {c['max_abs_energy_recon_vs_physics']:.2e}, "
+            f"vortex density {c['max_abs_vortex_density_vs_physics']:.2e}.",
+            "",
+        ]
         lines += ["| " + " | ".join(h for _, h in _TABLE_COLUMNS) + " |", "|" + "---|" * len(_TABLE_COLUMNS)]
         for row in m["per_temperature"]:
             lines.append("| " + " | ".join(_f(row[k]) for k, _ in _TABLE_COLUMNS) + " |")
         lines.append("")
         sep = m["vortex_separation"]
-        lines += [f"**Spin waves vs vortices** (T ≤ {sep['temperature_max']}): input quenched by "
-                  f"{sep['quench_steps']} gradient-descent steps of size {sep['quench_step_size']} (removes spin waves "
-                  f"and pairs closer than ~3 plaquettes; separated pairs survive); vortex positions matched one-to-one "
-                  f"with the same sign within {sep['tolerance']} plaquettes.", ""]
+        lines += [
+            f"**Spin waves vs vortices** (T ≤ {sep['temperature_max']}): input quenched by "
+            f"{sep['quench_steps']} gradient-descent steps of size {sep['quench_step_size']} (removes spin waves "
+            f"and pairs closer than ~3 plaquettes; separated pairs survive); vortex positions matched one-to-one "
+            f"with the same sign within {sep['tolerance']} plaquettes.",
+            "",
+        ]
         if sep["per_temperature"]:
-            lines += ["| T | configs | vortices/config input | quenched | θ | recall θ | precision θ | recall input |",
-                      "|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "| T | configs | vortices/config input | quenched | θ | recall θ | precision θ | recall input |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for r in sep["per_temperature"]:
-                lines.append(f"| {_f(r['temperature'])} | {r['configurations']} | {_f(r['vortices_per_config_input'])} | "
-                             f"{_f(r['vortices_per_config_quenched'])} | {_f(r['vortices_per_config_theta'])} | "
-                             f"{_f(r['theta_vs_quenched']['recall'], 3)} | {_f(r['theta_vs_quenched']['precision'], 3)} | "
-                             f"{_f(r['input_vs_quenched']['recall'], 3)} |")
+                lines.append(
+                    f"| {_f(r['temperature'])} | {r['configurations']} | {_f(r['vortices_per_config_input'])} | "
+                    f"{_f(r['vortices_per_config_quenched'])} | {_f(r['vortices_per_config_theta'])} | "
+                    f"{_f(r['theta_vs_quenched']['recall'], 3)} | {_f(r['theta_vs_quenched']['precision'], 3)} | "
+                    f"{_f(r['input_vs_quenched']['recall'], 3)} |"
+                )
             tot = sep["theta_vs_quenched"]
-            lines += ["", f"All T ≤ {sep['temperature_max']}: recall {_f(tot['recall'], 3)}, precision "
-                      f"{_f(tot['precision'], 3)} ({tot['matched']} matched of {tot['n_ref']} quenched-input vortices, "
-                      f"{tot['n_pred']} in θ). Maps: `maps_{name}.png`.", ""]
+            lines += [
+                "",
+                f"All T ≤ {sep['temperature_max']}: recall {_f(tot['recall'], 3)}, precision "
+                f"{_f(tot['precision'], 3)} ({tot['matched']} matched of {tot['n_ref']} quenched-input vortices, "
+                f"{tot['n_pred']} in θ). Maps: `maps_{name}.png`.",
+                "",
+            ]
         fit = m["decoder_sigma2_vs_temperature_fit"]
         if fit:
-            lines += [f"**σ² vs T** (T ≤ {fit['temperature_max']}, {fit['points']} temperatures): slope "
-                      f"{_f(fit['slope'])} ± {_f(fit['slope_error'], 2)}, intercept {_f(fit['intercept'])} ± "
-                      f"{_f(fit['intercept_error'], 2)}, R² = {_f(fit['r_squared'])} (spin waves: σ² ∝ T, intercept 0). "
-                      f"Figure: `sigma2_vs_temperature_{name}.png`.", ""]
-        lines += [f"Figures: `latent_means_{name}.png`, `latent_order_parameter_{name}.png`, `energy_vs_temperature.png`.", ""]
+            lines += [
+                f"**σ² vs T** (T ≤ {fit['temperature_max']}, {fit['points']} temperatures): slope "
+                f"{_f(fit['slope'])} ± {_f(fit['slope_error'], 2)}, intercept {_f(fit['intercept'])} ± "
+                f"{_f(fit['intercept_error'], 2)}, R² = {_f(fit['r_squared'])} (spin waves: σ² ∝ T, intercept 0). "
+                f"Figure: `sigma2_vs_temperature_{name}.png`.",
+                "",
+            ]
+        lines += [
+            f"Figures: `latent_means_{name}.png`, `latent_order_parameter_{name}.png`, `energy_vs_temperature.png`.",
+            "",
+        ]
     mlf = summary.get("mlflow")
     if mlf:
         lines += ["## MLflow", "", f"{mlf}", ""]

@@ -82,7 +82,9 @@ def periodic_distance(a: np.ndarray, b: np.ndarray, size: int) -> np.ndarray:
     return np.sqrt((d**2).sum(-1))
 
 
-def match_count(pred_map: np.ndarray, ref_map: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> tuple[int, int, int]:
+def match_count(
+    pred_map: np.ndarray, ref_map: np.ndarray, tolerance: float = DEFAULT_TOLERANCE
+) -> tuple[int, int, int]:
     """(matched, n_pred, n_ref) for one configuration: one-to-one matching of same-sign vortices.
 
     The matching is the optimal assignment (Hungarian) on periodic distance with pairs beyond
