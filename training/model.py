@@ -1,0 +1,241 @@
+"""HG-VAE and plain VAE for XY configurations (Cristoforetti et al., arXiv:1705.09524).
+
+Input angles θ [B, L, L] enter as the two channels (cos θ, sin θ), so the network never sees the 2π
+cut. Every convolution is circular (the lattice is a torus). The latent is Gaussian; the decoder gives
+per site a mean angle θ̂ = atan2(b, a) and a spread σ ∈ [σ_min, σ_max] of a wrapped Gaussian. The
+plain VAE is the same network trained with λ = 0 (no energy term); only the loss differs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from training import physics
+
+TWO_PI = 2.0 * math.pi
+KINDS = ("hgvae", "vae")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    lattice_size: int = 16
+    latent_dim: int = 32
+    width: int = 32
+    sigma_min: float = 0.02  # floor against σ collapse (NLL → −∞ on a perfect fit)
+    # Cap below "flat": near a uniform density the likelihood has no gradient in θ̂ and the latent
+    # collapses (seen with σ_max = 2.5). exp(−σ_max²) ≈ 0.08 still covers e ≈ −0.16 (T ≫ 2).
+    sigma_max: float = 1.6
+    kind: str = "hgvae"
+    # "spatial": the latent is a c×(L/2)² grid (latent_dim = c·(L/2)²), so the decoder can place
+    # local structure such as vortices; "global": one vector through dense layers.
+    latent: str = "spatial"
+
+    @property
+    def latent_channels(self) -> int:
+        return self.latent_dim // (self.lattice_size // 2) ** 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.lattice_size < 8 or self.lattice_size % 4:
+            raise ValueError(f"lattice size must be a multiple of 4 and ≥ 8, got {self.lattice_size}")
+        if self.latent_dim < 1 or self.width < 4:
+            raise ValueError("latent_dim must be ≥ 1 and width ≥ 4")
+        if self.latent not in ("spatial", "global"):
+            raise ValueError(f"latent must be 'spatial' or 'global', got {self.latent!r}")
+        cells = (self.lattice_size // 2) ** 2
+        if self.latent == "spatial" and self.latent_dim % cells:
+            raise ValueError(
+                f"a spatial latent needs latent_dim to be a multiple of (L/2)² = {cells}, got {self.latent_dim}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _conv(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
+    # padding k//2 - (stride-1)//... : k=3,s=1 keeps L; k=4,s=2,p=1 halves an even L.
+    pad = 1
+    return nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, padding_mode="circular")
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        w, L = cfg.width, cfg.lattice_size
+        self.body = nn.Sequential(
+            _conv(2, w), nn.GELU(),
+            _conv(w, w, 4, 2), nn.GELU(),  # L/2
+            _conv(w, 2 * w), nn.GELU(),
+            _conv(2 * w, 2 * w, 4, 2), nn.GELU(),  # L/4
+            nn.Flatten(),
+        )  # fmt: skip
+        feat = 2 * w * (L // 4) ** 2
+        # Global features (energy, magnetisation) help the latent carry the temperature.
+        self.head = nn.Sequential(nn.Linear(feat + 4, 4 * w), nn.GELU(), nn.Linear(4 * w, 2 * cfg.latent_dim))
+
+    def forward(self, cs: torch.Tensor, glob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.head(torch.cat([self.body(cs), glob], dim=1))
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 6.0)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        w, L = cfg.width, cfg.lattice_size
+        self.cfg = cfg
+        self.q = L // 4
+        self.fc = nn.Sequential(nn.Linear(cfg.latent_dim, 4 * w), nn.GELU(), nn.Linear(4 * w, 2 * w * self.q**2))
+        self.body = nn.Sequential(
+            nn.GELU(),
+            nn.Upsample(scale_factor=2, mode="nearest"), _conv(2 * w, w), nn.GELU(),  # L/2
+            nn.Upsample(scale_factor=2, mode="nearest"), _conv(w, w), nn.GELU(),  # L
+            _conv(w, 3),
+        )  # fmt: skip
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.fc(z).reshape(z.shape[0], -1, self.q, self.q)
+        out = self.body(h)
+        theta = torch.remainder(torch.atan2(out[:, 1], out[:, 0]), TWO_PI)
+        span = self.cfg.sigma_max - self.cfg.sigma_min
+        sigma = self.cfg.sigma_min + span * torch.sigmoid(out[:, 2])
+        return theta, sigma
+
+
+def global_features(theta: torch.Tensor) -> torch.Tensor:
+    """[B, 4]: energy per site, |m|, and the mean x/y bond cosines (rotation-invariant summaries)."""
+    dx, dy = physics.bond_differences(theta)
+    cx, cy = torch.cos(dx).mean(dim=(-2, -1)), torch.cos(dy).mean(dim=(-2, -1))
+    return torch.stack([-(cx + cy), physics.magnetization(theta), cx, cy], dim=1)
+
+
+class SpatialEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        w, c = cfg.width, cfg.latent_channels
+        self.body = nn.Sequential(
+            _conv(2, w), nn.GELU(),
+            _conv(w, w), nn.GELU(),
+            _conv(w, 2 * w, 4, 2), nn.GELU(),  # L/2
+            _conv(2 * w, 2 * w), nn.GELU(),
+        )  # fmt: skip
+        self.glob = nn.Linear(4, 2 * w)
+        self.head = nn.Conv2d(2 * w, 2 * c, 1)
+
+    def forward(self, cs: torch.Tensor, glob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(cs) + self.glob(glob)[:, :, None, None]
+        mu, logvar = self.head(h).chunk(2, dim=1)
+        return mu.flatten(1), logvar.flatten(1).clamp(-12.0, 6.0)
+
+
+class SpatialDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        w, c = cfg.width, cfg.latent_channels
+        self.cfg = cfg
+        self.c, self.h = c, cfg.lattice_size // 2
+        self.body = nn.Sequential(
+            _conv(c, 2 * w), nn.GELU(),
+            _conv(2 * w, 2 * w), nn.GELU(),
+            nn.Upsample(scale_factor=2, mode="nearest"), _conv(2 * w, w), nn.GELU(),  # L
+            _conv(w, w), nn.GELU(),
+            _conv(w, 3),
+        )  # fmt: skip
+        # Start with moderate spreads: a σ near σ_max flattens the likelihood in θ̂ (no gradient) and
+        # lets the latent collapse before the decoder has learned anything.
+        with torch.no_grad():
+            self.body[-1].bias[2].fill_(0.0)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.body(z.reshape(z.shape[0], self.c, self.h, self.h))
+        theta = torch.remainder(torch.atan2(out[:, 1], out[:, 0]), TWO_PI)
+        span = self.cfg.sigma_max - self.cfg.sigma_min
+        sigma = self.cfg.sigma_min + span * torch.sigmoid(out[:, 2])
+        return theta, sigma
+
+
+class XYVAE(nn.Module):
+    """Encoder + decoder; `forward` returns (μ_z, log σ_z², θ̂, σ) using z = μ_z (deterministic)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        spatial = cfg.latent == "spatial"
+        self.encoder = SpatialEncoder(cfg) if spatial else Encoder(cfg)
+        self.decoder = SpatialDecoder(cfg) if spatial else Decoder(cfg)
+
+    def encode(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = torch.remainder(theta, TWO_PI)
+        cs = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
+        return self.encoder(cs, global_features(theta))
+
+    def forward(
+        self, theta: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(theta)
+        z = mu
+        if sample:
+            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+            z = mu + torch.exp(0.5 * logvar) * eps
+        theta_hat, sigma = self.decoder(z)
+        return mu, logvar, theta_hat, sigma
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+WRAPS = torch.arange(-3, 4, dtype=torch.float32) * TWO_PI  # 7 windings: exact to ~1e-10 for σ ≤ 2.5
+
+
+def wrapped_normal_nll(x: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """−log p(x) per site for a wrapped Gaussian WN(mean, σ) on the circle; x, mean, σ broadcast."""
+    d = physics.wrap_angle(x - mean).unsqueeze(-1) + WRAPS.to(x.dtype).to(x.device)
+    s = sigma.unsqueeze(-1)
+    log_terms = -0.5 * (d / s).square()
+    return -torch.logsumexp(log_terms, dim=-1) + torch.log(sigma) + 0.5 * math.log(TWO_PI)
+
+
+def sample_reconstruction(
+    theta_hat: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    eps = torch.randn(theta_hat.shape, generator=generator, dtype=theta_hat.dtype, device=theta_hat.device)
+    return torch.remainder(theta_hat + sigma * eps, TWO_PI)
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    nll: torch.Tensor  # mean per site
+    kl: torch.Tensor  # per configuration (sum over latent dims)
+    energy: torch.Tensor  # mean (Δe)²
+    abs_de: torch.Tensor  # mean |Δe| (monitoring)
+
+
+def vae_loss(
+    model: XYVAE,
+    theta: torch.Tensor,
+    beta: float,
+    lam: float,
+    generator: torch.Generator | None = None,
+    detach_theta: bool = True,
+) -> LossTerms:
+    """Per-site NLL + β·KL/N + λ·(e_recon − e_input)², all averaged over the batch.
+
+    KL is divided by the number of sites so that β and λ mean the same thing at every L.
+    """
+    mu, logvar, theta_hat, sigma = model(theta, sample=True, generator=generator)
+    n_sites = theta.shape[-1] * theta.shape[-2]
+    nll = wrapped_normal_nll(theta, theta_hat, sigma).mean()
+    kl = (0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=1)).mean()
+    # The energy term acts on the spread only (θ̂ detached): the likelihood shapes the mean angles, the
+    # physics shapes how much disorder the reconstruction carries. Letting it move θ̂ too makes the
+    # decoder buy energy with rough means and small σ, which costs likelihood and vortex statistics.
+    th_e = theta_hat.detach() if detach_theta else theta_hat
+    de = physics.expected_energy_per_site(th_e, sigma) - physics.energy_per_site(theta)
+    e_term = de.square().mean()
+    total = nll + beta * kl / n_sites + lam * e_term
+    return LossTerms(total, nll, kl, e_term, de.abs().mean())

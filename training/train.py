@@ -1,0 +1,548 @@
+"""Training loop for the HG-VAE and its plain-VAE baseline, tracked in MLflow.
+
+`train_model(...)` is the one entry point (CLI, tests, `hgvae run`): it validates the data, splits it
+by configuration (stratified by temperature), fits, evaluates, calibrates the anomaly score, exports
+the ONNX graph, logs everything to MLflow and registers a new model version.
+
+Quick real model for other tests (a few seconds at L = 8):
+    from training.train import train_model, tiny_dataset
+    res = train_model(tiny_dataset(L=8), epochs=1, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    res.run_id, res.version, res.onnx_path
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training import physics
+from training.dataset import DatasetError, LatticeDataset, load_dataset
+from training.model import KINDS, XYVAE, ModelConfig, sample_reconstruction, vae_loss, wrapped_normal_nll
+
+DEFAULTS: dict[str, Any] = {
+    "epochs": 20,
+    "latent_dim": 32,
+    "batch_size": 128,
+}
+
+
+@dataclass
+class Hyper:
+    epochs: int = DEFAULTS["epochs"]
+    latent_dim: int = DEFAULTS["latent_dim"]
+    batch_size: int = DEFAULTS["batch_size"]
+    seed: int = 0
+    width: int = 32
+    lr: float = 3e-3
+    beta: float = 1.0  # KL weight (per site: KL / N)
+    lam: float = 200.0  # energy-term weight for the HG-VAE (0 for the plain VAE)
+    warmup: float = 0.25  # fraction of steps over which β ramps up from 0
+    lam_start: float = 0.3  # λ stays 0 until this fraction of steps (the NLL learns the angles first) ...
+    lam_ramp: float = 0.3  # ... then ramps linearly to λ over this fraction
+    val_fraction: float = 0.15
+    grad_clip: float = 5.0
+    sigma_min: float = 0.02
+    latent: str = "spatial"
+    threads: int = 0  # 0: leave torch's default
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be ≥ 1")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be ≥ 1")
+        if self.latent_dim < 1:
+            raise ValueError("latent dim must be ≥ 1")
+        if not 0.0 < self.val_fraction < 0.9:
+            raise ValueError("val_fraction must be in (0, 0.9)")
+        for k in ("lr", "beta", "lam", "grad_clip"):
+            v = getattr(self, k)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{k} must be finite and ≥ 0, got {v}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the message says at which step and which term."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    version: str | None
+    onnx_path: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    model: XYVAE | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def resolve_data(data: str | os.PathLike | LatticeDataset) -> LatticeDataset:
+    ds = data if isinstance(data, LatticeDataset) else load_dataset(data)
+    a = ds.angles
+    if a.ndim != 3 or a.shape[1] != a.shape[2]:
+        raise DatasetError(f"angles must have shape [N, L, L], got {list(a.shape)}")
+    if not np.all(np.isfinite(a)):
+        raise DatasetError("angles contain NaN or infinite values")
+    if len(a) < 8:
+        raise DatasetError(f"need at least 8 configurations to train, got {len(a)}")
+    L = a.shape[-1]
+    if L < 8 or L % 4:
+        raise DatasetError(f"lattice size must be a multiple of 4 and ≥ 8 for this model, got L = {L}")
+    return ds
+
+
+def split_indices(ds: LatticeDataset, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation split by configuration, stratified by temperature when it is known."""
+    rng = np.random.default_rng(seed)
+    temps = ds.temperature if ds.temperature is not None else np.zeros(len(ds), np.float32)
+    tr, va = [], []
+    for t in np.unique(temps):
+        idx = rng.permutation(np.flatnonzero(temps == t))
+        n_val = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+        va.append(idx[:n_val])
+        tr.append(idx[n_val:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
+
+
+def tiny_dataset(L: int = 8, temperatures: int = 4, samples: int = 16, seed: int = 0) -> LatticeDataset:
+    """A small, physically plausible data set without Monte Carlo (for fast tests and smoke runs).
+
+    Spin waves around a random global angle with a temperature-dependent amplitude; good enough to
+    exercise training, export and registry end to end, not for physics.
+    """
+    rng = np.random.default_rng(seed)
+    temps = np.linspace(0.2, 1.6, temperatures).astype(np.float32)
+    out, tt = [], []
+    for t in temps:
+        for _ in range(samples):
+            base = rng.uniform(0, 2 * np.pi)
+            field_ = rng.normal(0, np.sqrt(t / 2), size=(L, L))
+            smooth = (field_ + np.roll(field_, 1, 0) + np.roll(field_, 1, 1) + np.roll(field_, -1, 0)) / 2
+            out.append(np.mod(base + smooth, 2 * np.pi))
+            tt.append(t)
+    return LatticeDataset(np.stack(out).astype(np.float32), np.asarray(tt, np.float32), {"algorithm": "tiny"})
+
+
+# ------------------------------------------------------------------------------------------- fit
+
+
+def fit(
+    angles: np.ndarray,
+    cfg: ModelConfig,
+    hp: Hyper,
+    progress: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[XYVAE, list[dict[str, float]]]:
+    """Train a model on angles [N, L, L]; returns the model (eval mode) and per-epoch mean losses."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(hp.seed)
+    gen = torch.Generator().manual_seed(hp.seed)
+    model = XYVAE(cfg)
+    x_all = torch.from_numpy(np.ascontiguousarray(angles, dtype=np.float32))
+    n = len(x_all)
+    bs = min(hp.batch_size, n)
+    steps_per_epoch = max(1, n // bs)
+    total = steps_per_epoch * hp.epochs
+    opt = torch.optim.Adam(model.parameters(), lr=hp.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=0.2)
+    lam = hp.lam if cfg.kind == "hgvae" else 0.0
+    warm_steps = max(1, int(hp.warmup * total))
+    history: list[dict[str, float]] = []
+    step = 0
+    bar = tqdm(total=total, desc=f"train {cfg.kind} L={cfg.lattice_size}", disable=not progress, unit="step")
+    model.train()
+    for epoch in range(hp.epochs):
+        perm = torch.randperm(n, generator=gen)
+        sums = np.zeros(5)
+        t0 = time.perf_counter()
+        for k in range(steps_per_epoch):
+            batch = x_all[perm[k * bs : (k + 1) * bs]]
+            ramp = min(1.0, step / warm_steps)
+            lam_ramp = min(1.0, max(0.0, (step / total - hp.lam_start) / max(hp.lam_ramp, 1e-9)))
+            terms = vae_loss(model, batch, hp.beta * ramp, lam * lam_ramp, generator=gen)
+            if not torch.isfinite(terms.total):
+                raise TrainingDiverged(
+                    f"loss is not finite at epoch {epoch + 1}, step {step} (nll={terms.nll.item():.4g}, "
+                    f"kl={terms.kl.item():.4g}, energy={terms.energy.item():.4g}); "
+                    "try a lower --lr or a larger sigma floor"
+                )
+            opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            sums += [terms.total.item(), terms.nll.item(), terms.kl.item(), terms.energy.item(), terms.abs_de.item()]
+            bar.update(1)
+            if k % 10 == 0:
+                bar.set_postfix(nll=f"{terms.nll.item():.3f}", de=f"{terms.abs_de.item():.4f}")
+        dt = time.perf_counter() - t0
+        rec = dict(zip(("loss", "nll", "kl", "energy_term", "abs_de"), (sums / steps_per_epoch).tolist(), strict=True))
+        rec["samples_per_s"] = steps_per_epoch * bs / dt
+        rec["epoch_seconds"] = dt
+        history.append(rec)
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+    bar.close()
+    model.eval()
+    return model, history
+
+
+@torch.no_grad()
+def evaluate(
+    model: XYVAE, angles: np.ndarray, temperature: np.ndarray | None, seed: int = 0, batch: int = 512
+) -> dict[str, Any]:
+    """Validation metrics: |energy discrepancy| per site (overall, relative, per T) and vortex densities."""
+    gen = torch.Generator().manual_seed(seed)
+    e_in, e_rec, nll, v_in, v_s, mus = [], [], [], [], [], []
+    for i in range(0, len(angles), batch):
+        x = torch.from_numpy(angles[i : i + batch])
+        mu, _, th, sg = model(x)
+        e_in.append(physics.energy_per_site(x))
+        e_rec.append(physics.expected_energy_per_site(th, sg))
+        nll.append(wrapped_normal_nll(x, th, sg).mean(dim=(-2, -1)))
+        v_in.append(physics.vortex_density(x))
+        v_s.append(physics.vortex_density(sample_reconstruction(th, sg, generator=gen)))
+        mus.append(mu)
+    e_in, e_rec = torch.cat(e_in).numpy(), torch.cat(e_rec).numpy()
+    de = np.abs(e_rec - e_in)
+    temps = temperature if temperature is not None else np.zeros(len(angles), np.float32)
+    per_t = {}
+    for t in np.unique(temps):
+        k = temps == t
+        per_t[float(t)] = {
+            "abs_de": float(de[k].mean()),
+            "rel_de": float(de[k].mean() / max(np.abs(e_in[k]).mean(), 1e-8)),
+            "energy": float(e_in[k].mean()),
+            "vortex_in": float(torch.cat(v_in).numpy()[k].mean()),
+            "vortex_sampled": float(torch.cat(v_s).numpy()[k].mean()),
+            "nll": float(torch.cat(nll).numpy()[k].mean()),
+            "n": int(k.sum()),
+        }
+    rel = np.array([v["rel_de"] for v in per_t.values()])
+    return {
+        "val_abs_energy_discrepancy": float(de.mean()),
+        "val_rel_energy_discrepancy_mean": float(rel.mean()),
+        "val_rel_energy_discrepancy_max": float(rel.max()),
+        "val_nll": float(torch.cat(nll).mean()),
+        "val_vortex_density_input": float(torch.cat(v_in).mean()),
+        "val_vortex_density_sampled": float(torch.cat(v_s).mean()),
+        "per_temperature": per_t,
+        "latent_mean": torch.cat(mus).numpy(),
+        "energy_input": e_in,
+    }
+
+
+def vortex_gap(per_t: dict[float, dict[str, float]], t_min: float = 0.9) -> float:
+    """Largest relative gap |v_sampled − v_in| / v_in over temperatures ≥ t_min (NaN if none)."""
+    gaps = [
+        abs(v["vortex_sampled"] - v["vortex_in"]) / v["vortex_in"]
+        for t, v in per_t.items()
+        if t >= t_min and v["vortex_in"] > 0
+    ]
+    return float(max(gaps)) if gaps else float("nan")
+
+
+def hyper_from(kind: str, epochs: int, latent_dim: int, batch_size: int, seed: int, **hyper: Any) -> Hyper:
+    if kind not in KINDS:
+        raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    unknown = set(hyper) - set(Hyper.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown hyper-parameters: {', '.join(sorted(unknown))}")
+    hp = Hyper(epochs=epochs, latent_dim=latent_dim, batch_size=batch_size, seed=seed, **hyper)
+    hp.validate()
+    return hp
+
+
+def hyper_dict(hp: Hyper) -> dict[str, Any]:
+    return asdict(hp)
+
+
+# ------------------------------------------------------------------------------------- plots
+
+
+def _plots(out_dir: Path, history: list[dict[str, float]], ev: dict[str, Any], temps: np.ndarray | None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    ep = np.arange(1, len(history) + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, label in zip(axes, ("nll", "kl", "energy_term"), ("NLL / site", "KL / config", "(Δe)²"), strict=True):
+        ax.plot(ep, [h[key] for h in history], marker="o")
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        if key == "energy_term":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    files.append(out_dir / "loss_curves.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    per_t = ev["per_temperature"]
+    ts = np.array(sorted(per_t))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    axes[0].plot(ts, [per_t[t]["rel_de"] for t in ts], marker="o", label="|Δe| / |e|")
+    axes[0].axhline(0.01, color="g", ls="--", lw=0.8, label="1%")
+    axes[0].axhline(0.03, color="r", ls="--", lw=0.8, label="3%")
+    axes[0].set_xlabel("T")
+    axes[0].set_title("energy discrepancy (validation)")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(ts, [per_t[t]["vortex_in"] for t in ts], marker="o", label="input")
+    axes[1].plot(ts, [per_t[t]["vortex_sampled"] for t in ts], marker="s", label="sampled reconstruction")
+    axes[1].set_xlabel("T")
+    axes[1].set_title("vortex density")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    files.append(out_dir / "discrepancy_vs_T.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    mu = ev["latent_mean"]
+    centered = mu - mu.mean(axis=0)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    pcs = centered @ vt[:2].T if vt.shape[0] >= 2 else np.c_[centered[:, :1], np.zeros(len(mu))]
+    fig, ax = plt.subplots(figsize=(4.5, 3.8))
+    sc = ax.scatter(pcs[:, 0], pcs[:, 1], c=temps if temps is not None else "k", s=6, cmap="coolwarm")
+    if temps is not None:
+        fig.colorbar(sc, label="T")
+    ax.set_title("latent means (first two principal axes)")
+    fig.tight_layout()
+    files.append(out_dir / "latent_by_T.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+    return files
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def _probe(angles: np.ndarray, temps: np.ndarray | None, per_t: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A small, temperature-balanced sample of validation configurations kept with the model."""
+    rng = np.random.default_rng(seed)
+    t = temps if temps is not None else np.zeros(len(angles), np.float32)
+    idx = np.concatenate([rng.permutation(np.flatnonzero(t == v))[:per_t] for v in np.unique(t)])
+    return angles[idx], t[idx]
+
+
+def train_model(
+    data: str | os.PathLike | LatticeDataset,
+    kind: str = "hgvae",
+    epochs: int = DEFAULTS["epochs"],
+    latent_dim: int | None = None,
+    batch_size: int = DEFAULTS["batch_size"],
+    seed: int = 0,
+    tracking_uri: str | None = None,
+    registered_name: str = "hgvae",
+    progress: bool = False,
+    register: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    **hyper: Any,
+) -> TrainResult:
+    """Validate data, fit, evaluate, calibrate, export ONNX, log to MLflow, register a version.
+
+    `latent_dim=None` picks the default for the lattice (2 channels per 2×2 block for the spatial
+    latent). Raises DatasetError for unusable data (before anything is logged), ValueError for bad
+    hyper-parameters, TrainingDiverged if the loss becomes NaN.
+    """
+    import tempfile
+
+    from training import anomaly, defects
+    from training.export import ScoringGraph, export_onnx, output_differences, run_onnx, signature_inputs
+    from training.tracking import MlflowSink
+
+    ds = resolve_data(data)
+    L = ds.size
+    if latent_dim is None:
+        latent_dim = 2 * (L // 2) ** 2 if hyper.get("latent", "spatial") == "spatial" else 32
+    hp = hyper_from(kind, epochs, latent_dim, batch_size, seed, **hyper)
+    cfg = ModelConfig(
+        lattice_size=L, latent_dim=hp.latent_dim, width=hp.width, sigma_min=hp.sigma_min, kind=kind, latent=hp.latent
+    )
+    if hp.threads:
+        torch.set_num_threads(hp.threads)
+    tr, va = split_indices(ds, hp.val_fraction, seed)
+    temps = ds.temperature
+    va_t = temps[va] if temps is not None else None
+    # Validation halves: one calibrates the anomaly score, the other measures its AUROC.
+    sub = LatticeDataset(ds.angles[va], va_t)
+    cal_i, test_i = split_indices(sub, 0.5, seed + 1)
+    if len(test_i) == 0 or len(cal_i) == 0:
+        raise DatasetError("too few configurations for a validation split; need more samples per temperature")
+
+    sink = MlflowSink(tracking_uri, run_name=f"{kind}-L{L}") if register else None
+    status = "FAILED"
+    try:
+        if sink:
+            sink.set_tags({"hgvae.model_kind": kind, "hgvae.lattice_size": str(L), "hgvae.version": _version()})
+            sink.log_params(
+                {
+                    **hyper_dict(hp),
+                    "kind": kind,
+                    "lattice_size": L,
+                    "n_train": len(tr),
+                    "n_val": len(va),
+                    "dataset_digest": ds.digest(),
+                    "dataset_source": str(data) if not isinstance(data, LatticeDataset) else "in-memory",
+                    "dataset_algorithm": ds.metadata.get("algorithm", ""),
+                    "n_temperatures": len(np.unique(temps)) if temps is not None else 0,
+                }
+            )
+
+        def on_epoch(epoch: int, rec: dict[str, float]) -> None:
+            if sink:
+                sink.log_metrics({f"train_{k}": v for k, v in rec.items()}, step=epoch)
+
+        t0 = time.perf_counter()
+        model, history = fit(ds.angles[tr], cfg, hp, progress=progress, on_epoch=on_epoch)
+        train_seconds = time.perf_counter() - t0
+        ev = evaluate(model, ds.angles[va], va_t, seed=seed)
+
+        def forward(th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            _, _, a, b = model(th)
+            return a, b
+
+        cal = anomaly.calibrate(forward, ds.angles[va][cal_i], L, seed=seed)
+        graph = ScoringGraph(model, cal)
+        test_angles = ds.angles[va][test_i]
+        test_t = va_t[test_i] if va_t is not None else None
+        aur = defects.evaluate(
+            lambda a: graph.score(a)["anomaly_score"],
+            test_angles,
+            test_t,
+            kinds=defects.NAMED_KINDS + defects.EXTRA_KINDS,
+            seed=seed,
+        )
+
+        metrics: dict[str, float] = {k: v for k, v in ev.items() if k.startswith("val_")}
+        metrics["val_vortex_max_rel_gap_T_ge_0.9"] = vortex_gap(ev["per_temperature"])
+        metrics["train_seconds"] = train_seconds
+        metrics["train_samples_per_s"] = float(np.mean([h["samples_per_s"] for h in history]))
+        for k, per_t in aur.items():
+            metrics[f"auroc_{k}_min"] = float(min(per_t.values()))
+            metrics[f"auroc_{k}_mean"] = float(np.mean(list(per_t.values())))
+        metrics["auroc_named_min"] = float(min(metrics[f"auroc_{k}_min"] for k in defects.NAMED_KINDS))
+        metrics["anomaly_score_normal_q99"] = float(cal.quantiles["q99"])
+
+        work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="hgvae-train-"))
+        work.mkdir(parents=True, exist_ok=True)
+        run_id = sink.run_id if sink else None
+        model_dir = work / "model"
+        if model_dir.exists():
+            import shutil
+
+            shutil.rmtree(model_dir)
+        raw_onnx = export_onnx(graph, work / "hgvae.onnx", run_id=run_id)
+
+        # Parity torch vs onnxruntime on normal and defective inputs (any real angle).
+        probe_a, probe_t = _probe(ds.angles[va], va_t, per_t=16, seed=seed)
+        rng = np.random.default_rng(seed)
+        odd = (rng.normal(0, 20, size=(8, L, L))).astype(np.float32)
+        check = np.concatenate([probe_a[:64], odd])
+        diffs = output_differences(graph.score(check), run_onnx(raw_onnx, check))
+        metrics["onnx_parity_max_abs"] = float(max(diffs.values()))
+        metrics.update({f"onnx_parity_{k}": v for k, v in diffs.items()})
+
+        # MLflow model folder: MLmodel (onnx flavour + signature), the graph, and the validation probe
+        # that promotion gates re-score without torch.
+        import mlflow.onnx
+        import onnx
+
+        mlflow.onnx.save_model(
+            onnx.load(str(raw_onnx)),
+            str(model_dir),
+            signature=signature_inputs(L),
+            pip_requirements=["onnxruntime", "numpy"],
+            save_as_external_data=False,  # one self-contained .onnx file in the folder
+            metadata={"hgvae.run_id": run_id or "", "hgvae.model_kind": kind, "hgvae.lattice_size": L},
+        )
+        ref = graph.score(probe_a)
+        np.savez(
+            model_dir / "validation_probe.npz",
+            angles=probe_a,
+            temperature=probe_t,
+            **{f"out_{k}": v for k, v in ref.items()},
+        )
+        onnx_files = sorted(model_dir.glob("*.onnx"))
+        assert len(onnx_files) == 1, onnx_files
+        onnx_path = onnx_files[0]
+
+        plot_files = _plots(work, history, ev, va_t)
+        per_t_json = work / "validation_per_temperature.json"
+        import json
+
+        per_t_json.write_text(
+            json.dumps(
+                {
+                    "energy_and_vortices": {str(t): v for t, v in ev["per_temperature"].items()},
+                    "auroc": {k: {str(t): a for t, a in v.items()} for k, v in aur.items()},
+                    "calibration_quantiles": cal.quantiles,
+                    "history": history,
+                },
+                indent=1,
+            )
+        )
+        version: str | None = None
+        if sink:
+            sink.log_metrics(metrics)
+            for i, (t, v) in enumerate(sorted(ev["per_temperature"].items())):
+                sink.log_metrics(
+                    {
+                        "val_T": t,
+                        "val_abs_de_by_T": v["abs_de"],
+                        "val_rel_de_by_T": v["rel_de"],
+                        "val_vortex_in_by_T": v["vortex_in"],
+                        "val_vortex_sampled_by_T": v["vortex_sampled"],
+                    },
+                    step=i,
+                )
+            for f in plot_files:
+                sink.log_artifact(f, "plots")
+            sink.log_artifact(per_t_json)
+            sink.log_artifact(model_dir, "model")
+            version = _register(sink, registered_name, cfg, cal, metrics)
+        status = "FINISHED"
+        return TrainResult(run_id, version, onnx_path, metrics, model, history)
+    finally:
+        if sink:
+            sink.close(status)
+
+
+def _version() -> str:
+    import hgvae
+
+    return hgvae.__version__
+
+
+def _register(sink: Any, name: str, cfg: ModelConfig, cal: Any, metrics: dict[str, float]) -> str:
+    from mlflow.exceptions import MlflowException
+
+    client = sink.client
+    try:
+        client.create_registered_model(name, description="HG-VAE / VAE scoring graphs for 2D XY lattices")
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+    tags = {
+        "hgvae.lattice_size": str(cfg.lattice_size),
+        "hgvae.model_kind": cfg.kind,
+        "hgvae.latent_dim": str(cfg.latent_dim),
+        "hgvae.run_id": sink.run_id,
+        "hgvae.version": _version(),
+        "hgvae.val_rel_energy_discrepancy_mean": f"{metrics['val_rel_energy_discrepancy_mean']:.6g}",
+        "hgvae.auroc_named_min": f"{metrics['auroc_named_min']:.6g}",
+    }
+    mv = client.create_model_version(name, source=f"{sink.artifact_uri}/model", run_id=sink.run_id, tags=tags)
+    return str(mv.version)
