@@ -8,15 +8,14 @@ The estimators are pure functions (numpy in, dataclass/dict out) so they are tes
 
 * `helicity_crossing` — T where Υ(T, L) crosses 2T/π (linear interpolation between the bracketing
   temperatures), error from a bootstrap over configurations within each temperature.
-* `latent_transition` — from the latent means alone, no phase labels: the order parameter
-  r = |μ − ⟨μ⟩| (distance of a sample's latent mean from the centroid of all latent means) and its
-  susceptibility χ_z(T) = N·Var(r | T); the estimate is the peak of χ_z (parabola through the maximum
-  and its neighbours), error by bootstrap. Why this one: below T_KT a finite XY lattice has a large,
-  slowly rotating magnetization and the encoder must place samples on a ring whose angle is the
-  magnetization direction; above, reconstructions stop paying and the posterior collapses to the
-  prior. Fluctuations of the ring radius are largest where that order melts, just as the magnetic
-  susceptibility of a finite XY lattice peaks slightly above T_KT. The steepest descent of ⟨r⟩(T)
-  is reported beside it as a second, independent label-free estimate.
+* `latent_transition` — from the latent means alone, no phase labels: where the distribution of
+  latent means changes fastest with T (energy distance between neighbouring temperatures), and the
+  peak of the susceptibility of the leading principal component. Why: a model's latent can encode
+  the magnetization direction (a ring), the energy (an axis) or a coarse spin field; a distribution
+  distance sees all of them without knowing which, and is invariant to the latent's arbitrary
+  rotation and scale. `reference_crossovers` applies the classic estimators to the Monte Carlo
+  observables themselves, so the report shows where a latent that learned energy or magnetization
+  is bound to land on a finite lattice.
 * `finite_size_fit` — T(L) = T_KT + c / ln² L, weighted least squares.
 * `linear_fit` — σ²(T) at low T (spin-wave theory: ∝ T).
 """
@@ -194,77 +193,154 @@ def helicity_crossing(angles: np.ndarray, temperature: np.ndarray, n_boot: int =
 # (b) latent space, no labels
 
 
-def latent_order_parameter(latent_mean: np.ndarray) -> np.ndarray:
-    """r = |μ − ⟨μ⟩| per sample: distance of each latent mean from the centroid of all of them."""
-    mu = np.asarray(latent_mean, dtype=np.float64)
-    return np.linalg.norm(mu - mu.mean(axis=0), axis=1)
+def principal_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centre, axes [k, d] as rows, explained-variance fractions) of the rows of x."""
+    x = np.asarray(x, dtype=np.float64)
+    centre = x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x - centre, full_matrices=False)
+    var = s**2
+    return centre, vt, var / max(float(var.sum()), 1e-300)
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distance matrix between the rows of a and b (float64, clipped at 0 before the root)."""
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0.0))
+
+
+def energy_distance(daa: np.ndarray, dbb: np.ndarray, dab: np.ndarray) -> float:
+    """Székely's energy distance 2E|X−Y| − E|X−X'| − E|Y−Y'| from distance matrices (V-statistic)."""
+    return float(2.0 * dab.mean() - daa.mean() - dbb.mean())
 
 
 @dataclass(frozen=True)
 class LatentTransition:
     temperatures: np.ndarray
-    order_parameter: np.ndarray  # ⟨r⟩(T)
-    susceptibility: np.ndarray  # N·Var(r | T)
+    pc1_mean: np.ndarray  # ⟨p1⟩(T): the latent order parameter, p1 = leading principal component of μ
+    pc1_std: np.ndarray
+    pc1_explained: float  # fraction of the latent-mean variance along p1
+    susceptibility: np.ndarray  # χ_1(T) = N·Var(p1 | T)
     susceptibility_error: np.ndarray
-    peak: Estimate  # primary: argmax of χ_z
-    steepest: Estimate  # secondary: argmax of −d⟨r⟩/dT
-
-
-def _steepest_descent(temps: np.ndarray, mean_r: np.ndarray) -> float:
-    """T of the steepest drop of ⟨r⟩(T): peak of −d⟨r⟩/dT (central differences at midpoints)."""
-    mid = 0.5 * (temps[1:] + temps[:-1])
-    slope = -np.diff(mean_r) / np.diff(temps)
-    return parabolic_peak(mid, slope)
+    rate_temperatures: np.ndarray  # midpoints between neighbouring temperatures
+    change_rate: np.ndarray  # sqrt(energy distance between the latent distributions at T_i, T_i+1) / ΔT
+    change_rate_error: np.ndarray
+    estimate: Estimate  # primary: where the latent distribution changes fastest
+    susceptibility_peak: Estimate  # secondary: peak of χ_1
 
 
 def latent_transition(
     latent_mean: np.ndarray, temperature: np.ndarray, size: int, n_boot: int = 200, seed: int = 0
 ) -> LatentTransition:
-    """Transition temperature from the latent means alone (see the module docstring for the choice).
+    """Transition temperature from the latent means alone, without phase labels.
 
-    Temperatures only group the samples (they are the control parameter, not a phase label).
+    Primary estimate: the temperature where the distribution of latent means changes fastest,
+    R(T) = sqrt(D_E(P_T, P_T+ΔT)) / ΔT with D_E the energy distance (zero iff the two distributions are
+    equal), peak refined by a parabola. It assumes nothing about which coordinates the model uses for
+    what (a ring of magnetization directions, an energy axis, a spatial field), is invariant to
+    rotations and shifts of the latent space, and needs no threshold. Secondary: the peak of the
+    susceptibility of the leading principal component, χ_1(T) = N·Var(p1 | T). Temperatures only group
+    samples (they are the control parameter, not a label). Errors: bootstrap over samples within each
+    temperature, reusing the distance matrices.
     """
-    r = latent_order_parameter(latent_mean)
+    mu = np.asarray(latent_mean, dtype=np.float64)
     temps, groups = group_by_temperature(temperature)
     if len(temps) < 3:
         raise AnalysisError(f"the latent transition needs ≥ 3 temperatures, got {len(temps)}")
     nsite = size * size
+    centre, axes, explained = principal_axes(mu)
+    p1 = (mu - centre) @ axes[0]
+    if p1[groups[0]].mean() < 0:  # orientation: positive at the lowest temperature
+        p1 = -p1
+    mid = 0.5 * (temps[1:] + temps[:-1])
+    dt = np.diff(temps)
+    blocks = [mu[g] for g in groups]
+    within = [_pairwise(b, b) for b in blocks]
+    cross = [_pairwise(blocks[i], blocks[i + 1]) for i in range(len(blocks) - 1)]
 
-    def chi(idx: list[np.ndarray]) -> np.ndarray:
-        return np.array([nsite * r[g].var(ddof=1) if len(g) > 1 else math.nan for g in idx])
+    def rate(idx: list[np.ndarray]) -> np.ndarray:
+        out = np.empty(len(cross))
+        for i, dab in enumerate(cross):
+            a, b = idx[i], idx[i + 1]
+            ed = energy_distance(within[i][np.ix_(a, a)], within[i + 1][np.ix_(b, b)], dab[np.ix_(a, b)])
+            out[i] = math.sqrt(max(ed, 0.0)) / dt[i]
+        return out
 
-    def mean_r(idx: list[np.ndarray]) -> np.ndarray:
-        return np.array([r[g].mean() for g in idx])
+    def chi(idx: list[np.ndarray], p: np.ndarray) -> np.ndarray:
+        return np.array([nsite * p[g].var(ddof=1) if len(g) > 1 else math.nan for g in idx])
 
-    chi0, m0 = chi(groups), mean_r(groups)
+    local = [np.arange(len(g)) for g in groups]
+    rate0, chi0 = rate(local), chi(groups, p1)
     rng = np.random.default_rng(seed)
-    peaks, steeps, chis = np.empty(n_boot), np.empty(n_boot), []
+    rates, chis, peaks_r, peaks_c = [], [], np.empty(n_boot), np.empty(n_boot)
     for b in range(n_boot):
-        idx = [g[rng.integers(0, len(g), len(g))] for g in groups]
-        cb = chi(idx)
+        loc = [rng.integers(0, len(g), len(g)) for g in groups]
+        rb = rate(loc)
+        cb = chi([g[i] for g, i in zip(groups, loc, strict=True)], p1)
+        rates.append(rb)
         chis.append(cb)
-        peaks[b] = parabolic_peak(temps, cb)
-        steeps[b] = _steepest_descent(temps, mean_r(idx))
-    peak_err, _ = _boot_error(peaks)
-    steep_err, _ = _boot_error(steeps)
+        peaks_r[b] = parabolic_peak(mid, rb)
+        peaks_c[b] = parabolic_peak(temps, cb)
+    err_r, _ = _boot_error(peaks_r)
+    err_c, _ = _boot_error(peaks_c)
     return LatentTransition(
         temperatures=temps,
-        order_parameter=m0,
+        pc1_mean=np.array([p1[g].mean() for g in groups]),
+        pc1_std=np.array([p1[g].std(ddof=1) if len(g) > 1 else math.nan for g in groups]),
+        pc1_explained=float(explained[0]),
         susceptibility=chi0,
         susceptibility_error=np.nanstd(np.stack(chis), axis=0, ddof=1),
-        peak=Estimate(
-            parabolic_peak(temps, chi0),
-            peak_err,
-            "peak of the latent susceptibility χ_z(T) = N·Var(|μ − ⟨μ⟩| at T); bootstrap over samples",
+        rate_temperatures=mid,
+        change_rate=rate0,
+        change_rate_error=np.nanstd(np.stack(rates), axis=0, ddof=1),
+        estimate=Estimate(
+            parabolic_peak(mid, rate0),
+            err_r,
+            "peak of the rate of change of the latent-mean distribution, sqrt(energy distance between "
+            "neighbouring temperatures)/ΔT; bootstrap over samples",
             {"bootstrap_resamples": n_boot},
         ),
-        steepest=Estimate(
-            _steepest_descent(temps, m0),
-            steep_err,
-            "steepest descent of the latent order parameter ⟨|μ − ⟨μ⟩|⟩(T); bootstrap over samples",
-            {"bootstrap_resamples": n_boot},
+        susceptibility_peak=Estimate(
+            parabolic_peak(temps, chi0),
+            err_c,
+            "peak of χ_1(T) = N·Var(p1 | T), p1 the leading principal component of the latent means; "
+            "bootstrap over samples",
+            {"bootstrap_resamples": n_boot, "pc1_explained_variance": float(explained[0])},
         ),
     )
+
+
+def reference_crossovers(angles: np.ndarray, temperature: np.ndarray, n_boot: int = 200, seed: int = 0) -> dict:
+    """Thermodynamic crossovers of the same finite lattice, from Monte Carlo observables (for comparison).
+
+    Specific-heat peak N·Var(e)/T², connected magnetic susceptibility peak N·Var(|m|)/T, and the
+    steepest descent of ⟨|m|⟩. On a finite lattice all of them sit above the Υ crossing (the
+    correlation length reaches L there, T_L − T_KT ∝ 1/ln²L with a larger constant); a latent that
+    encodes energy or magnetization inherits that offset.
+    """
+    th = np.asarray(angles, dtype=np.float64)
+    size = th.shape[-1]
+    nsite = size * size
+    dx = np.roll(th, -1, axis=-1) - th
+    dy = np.roll(th, -1, axis=-2) - th
+    e = -(np.cos(dx) + np.cos(dy)).mean(axis=(-2, -1))
+    m = np.hypot(np.cos(th).mean(axis=(-2, -1)), np.sin(th).mean(axis=(-2, -1)))
+    temps, groups = group_by_temperature(temperature)
+    mid = 0.5 * (temps[1:] + temps[:-1])
+
+    def estimators(idx: list[np.ndarray]) -> tuple[float, float, float]:
+        c = np.array([nsite * e[g].var() / t**2 for g, t in zip(idx, temps, strict=True)])
+        chi = np.array([nsite * m[g].var() / t for g, t in zip(idx, temps, strict=True)])
+        mm = np.array([m[g].mean() for g in idx])
+        return parabolic_peak(temps, c), parabolic_peak(temps, chi), parabolic_peak(mid, -np.diff(mm) / np.diff(temps))
+
+    values = estimators(groups)
+    rng = np.random.default_rng(seed)
+    boot = np.array([estimators([g[rng.integers(0, len(g), len(g))] for g in groups]) for _ in range(n_boot)])
+    names = ("specific_heat_peak", "magnetic_susceptibility_peak", "magnetization_steepest_descent")
+    return {
+        n: {"value": float(v), "error": float(np.std(boot[:, k], ddof=1))}
+        for k, (n, v) in enumerate(zip(names, values, strict=True))
+    }
 
 
 # ======================================================================================================
@@ -522,7 +598,10 @@ def evaluate_model(
     e_in = out["energy"].astype(np.float64)
     disc = out["energy_discrepancy"].astype(np.float64)
     rel = np.abs(disc) / np.maximum(np.abs(e_in), 1e-12)
-    r_latent = latent_order_parameter(out["latent_mean"])
+    temps, groups = group_by_temperature(temperature)
+    latent = None
+    if len(temps) >= 3:
+        latent = latent_transition(out["latent_mean"], temperature, model.size, n_boot=n_boot, seed=seed)
     per_sample = {
         "temperature": np.asarray(temperature, dtype=np.float64),
         "energy_input": e_in,
@@ -537,14 +616,12 @@ def evaluate_model(
         "vortex_density_theta": physics.vortex_density(th_t).numpy(),
         "latent_mean": out["latent_mean"],
         "latent_logvar": out["latent_logvar"],
-        "latent_order_parameter": r_latent,
         "sigma2": (sigma.astype(np.float64) ** 2).mean(axis=(-2, -1)),
         "nll": out["nll"],
         "anomaly_score": out["anomaly_score"],
     }
-    temps, groups = group_by_temperature(temperature)
     table = []
-    for t, g in zip(temps, groups, strict=True):
+    for k, (t, g) in enumerate(zip(temps, groups, strict=True)):
         mu = out["latent_mean"][g]
         table.append(
             {
@@ -563,7 +640,7 @@ def evaluate_model(
                     per_sample["vortex_density_sampled_reconstruction"][g].mean()
                 ),
                 "vortex_density_theta": float(per_sample["vortex_density_theta"][g].mean()),
-                "latent_order_parameter": float(r_latent[g].mean()),
+                "latent_pc1_mean": float(latent.pc1_mean[k]) if latent is not None else math.nan,
                 "latent_mean_norm": float(np.linalg.norm(mu, axis=1).mean()),
                 "latent_mean_variance": float(mu.var(axis=0, ddof=1).sum()) if len(g) > 1 else math.nan,
                 "latent_posterior_variance": float(np.exp(out["latent_logvar"][g]).mean()),
@@ -578,10 +655,6 @@ def evaluate_model(
         "mean_abs_energy_input": float(np.abs(e_in).mean()),
         "ratio_of_means": float(np.abs(disc).mean() / np.abs(e_in).mean()),
     }
-    latent = None
-    if len(temps) >= 3:
-        latent = latent_transition(out["latent_mean"], temperature, model.size, n_boot=n_boot, seed=seed)
-
     # separation of degrees of freedom at T ≤ vortex_tmax
     low = np.flatnonzero(np.asarray(temperature) <= vortex_tmax + 1e-6)
     separation: dict[str, Any] = {
@@ -755,15 +828,20 @@ def analyze(
         )
     for kind in sorted({e.model.kind for e in evaluations}):
         pts = {
-            e.model.size: e.latent.peak
+            e.model.size: e.latent.estimate
             for e in evaluations
-            if e.model.kind == kind and e.latent is not None and math.isfinite(e.latent.peak.value)
+            if e.model.kind == kind and e.latent is not None and math.isfinite(e.latent.estimate.value)
         }
         if len(pts) >= 2:
             finite_size[f"latent_{kind}"] = finite_size_fit(
                 list(pts), [p.value for p in pts.values()], [p.error for p in pts.values()]
             )
 
+    crossovers = {
+        f"L{size}": reference_crossovers(d.angles, d.temperature, n_boot=n_boot, seed=seed)
+        for size, d in data.items()
+        if len(np.unique(d.temperature)) >= 3
+    }
     summary = build_summary(
         data,
         helicity,
@@ -777,6 +855,7 @@ def analyze(
             "vortex_temperature_max": vortex_tmax,
             "sigma2_fit_temperature_max": sigma_fit_tmax,
         },
+        crossovers=crossovers,
     )
     figures = report.write_figures(out, data, helicity, evaluations, finite_size)
     summary["figures"] = figures
@@ -795,6 +874,7 @@ def build_summary(
     finite_size: dict[str, Any],
     version: str,
     settings: dict[str, Any],
+    crossovers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The headline numbers, under self-explanatory keys (also the input of the markdown report)."""
     summary: dict[str, Any] = {
@@ -823,6 +903,7 @@ def build_summary(
             },
             "latent": {},
             "finite_size_extrapolation": finite_size,
+            "monte_carlo_crossovers": crossovers,
         },
         "models": {},
     }
@@ -843,21 +924,28 @@ def build_summary(
         if ev.latent is not None:
             lt = ev.latent
             lat = {
-                "estimate": lt.peak.as_dict(),
-                "steepest_descent_estimate": lt.steepest.as_dict(),
+                "estimate": lt.estimate.as_dict(),
+                "susceptibility_peak_estimate": lt.susceptibility_peak.as_dict(),
                 "temperatures": lt.temperatures.tolist(),
-                "order_parameter": lt.order_parameter.tolist(),
+                "pc1_mean": lt.pc1_mean.tolist(),
+                "pc1_std": lt.pc1_std.tolist(),
+                "pc1_explained_variance": lt.pc1_explained,
                 "susceptibility": lt.susceptibility.tolist(),
                 "susceptibility_error": lt.susceptibility_error.tolist(),
+                "change_rate_temperatures": lt.rate_temperatures.tolist(),
+                "change_rate": lt.change_rate.tolist(),
+                "change_rate_error": lt.change_rate_error.tolist(),
             }
             h = helicity.get(m.size)
             if h is not None and math.isfinite(h.crossing.value):
                 tc = h.crossing.value
                 lat["helicity_crossing_same_L"] = tc
-                lat["relative_difference_to_helicity_crossing"] = (lt.peak.value - tc) / tc
-                lat["steepest_descent_relative_difference_to_helicity_crossing"] = (lt.steepest.value - tc) / tc
+                lat["relative_difference_to_helicity_crossing"] = (lt.estimate.value - tc) / tc
+                lat["susceptibility_peak_relative_difference_to_helicity_crossing"] = (
+                    lt.susceptibility_peak.value - tc
+                ) / tc
             entry["latent_transition"] = lat
-            summary["transition_temperature"]["latent"][m.name] = {"lattice_size": m.size, **lt.peak.as_dict()}
+            summary["transition_temperature"]["latent"][m.name] = {"lattice_size": m.size, **lt.estimate.as_dict()}
         summary["models"][m.name] = entry
     summary["acceptance"] = acceptance(summary)
     return summary
@@ -946,8 +1034,8 @@ def log_report(out: Path, evaluations: list[ModelEvaluation], tracking_uri: str 
                 if ev.model.run_id != run_id:
                     continue
                 metrics = {"analysis_mean_relative_abs_discrepancy": ev.discrepancy["mean_relative_abs_discrepancy"]}
-                if ev.latent is not None and math.isfinite(ev.latent.peak.value):
-                    metrics["analysis_latent_transition_T"] = ev.latent.peak.value
+                if ev.latent is not None and math.isfinite(ev.latent.estimate.value):
+                    metrics["analysis_latent_transition_T"] = ev.latent.estimate.value
                 rec = ev.separation.get("theta_vs_quenched", {}).get("recall")
                 if rec is not None and math.isfinite(rec):
                     metrics["analysis_vortex_recall"] = rec

@@ -110,12 +110,20 @@ def write_figures(
         ax.set_aspect("equal", adjustable="datalim")
         _save(fig, out, f"latent_means_{name}.png", figures)
 
-        # latent order parameter and susceptibility with the transition marked
+        # latent order parameter, its susceptibility and the distribution change rate, transition marked
         if ev.latent is not None:
             lt = ev.latent
-            fig, ax = plt.subplots(figsize=(6, 4.5))
-            ax.plot(lt.temperatures, lt.order_parameter, "o-", ms=3, label="⟨|μ − ⟨μ⟩|⟩ (order parameter)")
-            ax.set(xlabel="T", ylabel="latent order parameter", title=f"{name}: latent order parameter")
+            fig, (ax, axr) = plt.subplots(1, 2, figsize=(12, 4.5))
+            ax.errorbar(
+                lt.temperatures,
+                lt.pc1_mean,
+                yerr=lt.pc1_std,
+                fmt="o-",
+                ms=3,
+                capsize=2,
+                label=f"⟨p1⟩ ± spread (PC1 of latent means, {lt.pc1_explained:.0%} of variance)",
+            )
+            ax.set(xlabel="T", ylabel="latent order parameter p1", title=f"{name}: latent order parameter")
             ax2 = ax.twinx()
             ax2.errorbar(
                 lt.temperatures,
@@ -125,16 +133,33 @@ def write_figures(
                 marker="s",
                 ms=3,
                 capsize=2,
-                label="χ_z = N·Var(|μ − ⟨μ⟩|)",
             )
-            ax2.set_ylabel("latent susceptibility χ_z", color="C1")
-            ax.axvspan(lt.peak.value - lt.peak.error, lt.peak.value + lt.peak.error, color="C1", alpha=0.2)
-            ax.axvline(lt.peak.value, color="C1", label=f"latent estimate {lt.peak.value:.3f}±{lt.peak.error:.3f}")
+            ax2.set_ylabel("χ_1 = N·Var(p1 | T)", color="C1")
+            axr.errorbar(
+                lt.rate_temperatures,
+                lt.change_rate,
+                yerr=lt.change_rate_error,
+                fmt="o-",
+                ms=3,
+                capsize=2,
+                color="C2",
+                label="latent distribution change rate √D_E / ΔT",
+            )
+            axr.set(
+                xlabel="T", ylabel="√(energy distance) / ΔT", title=f"{name}: where the latent distribution changes"
+            )
+            est, sus = lt.estimate, lt.susceptibility_peak
             h = helicity.get(ev.model.size)
-            if h is not None and math.isfinite(h.crossing.value):
-                ax.axvline(h.crossing.value, color="k", ls="--", label=f"Υ crossing L={h.size}: {h.crossing.value:.3f}")
-            ax.axvline(T_KT, color="grey", lw=0.8, label="T_KT (L→∞)")
-            ax.legend(fontsize=7, loc="lower left")
+            for a in (ax, axr):
+                a.axvspan(est.value - est.error, est.value + est.error, color="C2", alpha=0.2)
+                a.axvline(est.value, color="C2", label=f"latent estimate {est.value:.3f} ± {est.error:.3f}")
+                a.axvline(sus.value, color="C1", ls="-.", label=f"χ_1 peak {sus.value:.3f} ± {sus.error:.3f}")
+                if h is not None and math.isfinite(h.crossing.value):
+                    a.axvline(
+                        h.crossing.value, color="k", ls="--", label=f"Υ crossing L={h.size}: {h.crossing.value:.3f}"
+                    )
+                a.axvline(T_KT, color="grey", lw=0.8, label="T_KT (L→∞)")
+                a.legend(fontsize=7, loc="best")
             _save(fig, out, f"latent_order_parameter_{name}.png", figures)
 
         # σ² vs T at low T
@@ -245,7 +270,7 @@ _TABLE_COLUMNS = [
     ("vortex_density_input", "ρv input"),
     ("vortex_density_sampled_reconstruction", "ρv sampled"),
     ("vortex_density_theta", "ρv θ"),
-    ("latent_order_parameter", "⟨|μ−⟨μ⟩|⟩"),
+    ("latent_pc1_mean", "⟨p1⟩ latent"),
     ("latent_mean_variance", "Var μ (sum)"),
     ("latent_posterior_variance", "⟨σ_z²⟩"),
     ("decoder_sigma2", "⟨σ²⟩"),
@@ -302,13 +327,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {key[1:]} | {_pm(h)} |")
     lines += [
         "",
-        "(b) Latent space, no labels: peak of the latent susceptibility χ_z(T) = N·Var(|μ − ⟨μ⟩| at T), "
-        "where μ are the encoder's latent means and ⟨μ⟩ their centroid over all samples. Below T_KT the "
-        "encoder places samples on a ring (the magnetization direction of a finite lattice); the spread of "
-        "its radius is largest where that quasi-order melts. The steepest descent of ⟨|μ − ⟨μ⟩|⟩(T) is a "
-        "second label-free estimate. Errors: bootstrap over samples.",
+        "(b) Latent space, no labels: the temperature where the distribution of the encoder's latent means "
+        "changes fastest, the peak of √D_E(P_T, P_T+ΔT)/ΔT with D_E the energy distance between the latent-mean "
+        "distributions at neighbouring temperatures. Why this one: a latent may encode the magnetization "
+        "direction (a ring), the energy (an axis) or a coarse spin field; a distribution distance sees any of "
+        "them without knowing which, is invariant to the latent's arbitrary rotation and scale, and needs no "
+        "threshold. Beside it, the peak of the susceptibility of the leading principal component, "
+        "χ_1 = N·Var(p1 | T). Errors: bootstrap over samples. Figures: `latent_order_parameter_<model>.png`.",
         "",
-        "| model | L | χ_z peak | steepest descent | Υ crossing (same L) | difference |",
+        "| model | L | distribution change (estimate) | χ_1 peak | Υ crossing (same L) | difference |",
         "|---|---|---|---|---|---|",
     ]
     for name, m in summary["models"].items():
@@ -317,9 +344,26 @@ def render_markdown(summary: dict[str, Any]) -> str:
             continue
         rd = lat.get("relative_difference_to_helicity_crossing")
         lines.append(
-            f"| {name} | {m['lattice_size']} | {_pm(lat['estimate'])} | {_pm(lat['steepest_descent_estimate'])} | "
+            f"| {name} | {m['lattice_size']} | {_pm(lat['estimate'])} | {_pm(lat['susceptibility_peak_estimate'])} | "
             f"{_f(lat.get('helicity_crossing_same_L'))} | {'–' if rd is None else f'{100 * rd:+.1f}%'} |"
         )
+    cross = tt.get("monte_carlo_crossovers") or {}
+    if cross:
+        lines += [
+            "",
+            "For comparison, the thermodynamic crossovers of the same finite lattices from the Monte Carlo "
+            "observables (bootstrap errors). On a finite lattice they all lie above the Υ crossing, because the "
+            "correlation length reaches L there; a latent that encodes energy or magnetization inherits that offset.",
+            "",
+            "| L | Υ crossing | specific-heat peak | magnetic susceptibility peak | steepest descent of ⟨|m|⟩ |",
+            "|---|---|---|---|---|",
+        ]
+        for key, c in cross.items():
+            h = tt["helicity_crossing"].get(key)
+            lines.append(
+                f"| {key[1:]} | {_pm(h) if h else '–'} | {_pm(c['specific_heat_peak'])} | "
+                f"{_pm(c['magnetic_susceptibility_peak'])} | {_pm(c['magnetization_steepest_descent'])} |"
+            )
     lines += [
         "",
         "(c) Finite-size extrapolation T(L) = T_KT + c/ln²L (weighted least squares). Figure: `finite_size.png`.",
