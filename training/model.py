@@ -77,6 +77,8 @@ class Encoder(nn.Module):
         feat = 2 * w * (L // 4) ** 2
         # Global features (energy, magnetisation) help the latent carry the temperature.
         self.head = nn.Sequential(nn.Linear(feat + 4, 4 * w), nn.GELU(), nn.Linear(4 * w, 2 * cfg.latent_dim))
+        with torch.no_grad():
+            self.head[-1].bias[cfg.latent_dim :].fill_(-5.0)
 
     def forward(self, cs: torch.Tensor, glob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.head(torch.cat([self.body(cs), glob], dim=1))
@@ -126,6 +128,10 @@ class SpatialEncoder(nn.Module):
         )  # fmt: skip
         self.glob = nn.Linear(4, 2 * w)
         self.head = nn.Conv2d(2 * w, 2 * c, 1)
+        # Start with a narrow posterior: with unit noise on a small μ the decoder first learns to
+        # ignore z and the latent collapses (observed); the KL term widens it later as needed.
+        with torch.no_grad():
+            self.head.bias[c:].fill_(-5.0)
 
     def forward(self, cs: torch.Tensor, glob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(cs) + self.glob(glob)[:, :, None, None]

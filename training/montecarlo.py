@@ -5,14 +5,14 @@ distribution invariant):
 
 * **Checkerboard Metropolis.** A site is rotated by δ = 2·atan(a), a ~ U[−w, w]: the density of δ is
   symmetric, so the proposal is symmetric, and cos δ = (1−a²)/(1+a²), sin δ = 2a/(1+a²) need no
-  transcendental function. Acceptance min(1, e^{−βΔE}) uses an exact table × Taylor exp (error < 1e-9).
+  transcendental function. Acceptance min(1, e^{−βΔE}) uses a branch-free float32 exp (absolute error < 6e-8).
   The window w is tuned per temperature during thermalization only, then frozen.
 * **Over-relaxation.** s → 2(s·h)h/|h|² − s: a reflection about the local field, energy conserving and
   its own inverse (microcanonical); it moves spin waves fast at no rejection cost.
 * **Wolff clusters** (Wolff 1989, embedded Ising spins along a random axis r): bonds activate with
   p = 1 − exp(−2β (r·s_i)(r·s_j)); flipping the cluster beats critical slowing down near and below T_KT.
   Per temperature, the number of clusters per sweep is set from the mean cluster size measured during
-  thermalization (so a sweep flips about N spins in clusters), then frozen.
+  thermalization (so a sweep flips about `wolff`·N spins in clusters, at least one cluster), then frozen.
 
 One "sweep" = Wolff clusters + one Metropolis sweep + `overrelax` over-relaxation sweeps (the default mix).
 
@@ -34,7 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
 
 from training.dataset import LatticeDataset
 from training.stats import Stats, statistics
@@ -56,11 +59,8 @@ _INV24 = np.float32(1.0 / 16777216.0)
 _HALF24 = np.float32(0.5 / 16777216.0)
 _INV53 = 1.0 / 9007199254740992.0
 
-# e^{-x} for x ≥ 0: table at steps of 1/16 times a 6-term Taylor series of the remainder (|error| < 3e-10).
-_EXP_STEPS = 16
-_EXP_MAX = 104.0  # e^{-104} < 1e-45: below the resolution of a 24-bit uniform, treated as 0
-_EXP_TABLE = np.exp(-np.arange(int(_EXP_MAX * _EXP_STEPS) + 2, dtype=np.float64) / _EXP_STEPS).astype(np.float32)
-_EXP_LIMIT = np.float32(_EXP_MAX * _EXP_STEPS)
+_LOG2E = np.float32(1.0 / math.log(2.0))
+_LN2 = np.float32(math.log(2.0))
 
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # no 'afn'/'nnan': keep exact functions and NaN semantics
 
@@ -86,12 +86,12 @@ def seed_streams(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
     return s0, s1
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy")
 def _rotl(x, k, kc):
     return (x << k) | (x >> kc)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy")
 def _next(s0, s1):
     """One xoroshiro128++ step: (output, new s0, new s1)."""
     out = _rotl(s0 + s1, _U17, _U47) + s0
@@ -101,25 +101,35 @@ def _next(s0, s1):
     return out, n0, n1
 
 
-@njit(inline="always", cache=True)
-def _exp_neg(x, table):
-    """e^{-x} for x ≥ 0 (x ≤ 0 gives 1), branch-free so the calling loop vectorises."""
-    y = min(max(x * np.float32(_EXP_STEPS), np.float32(0.0)), _EXP_LIMIT)
-    n = np.int32(y)
-    f = (y - np.float32(n)) * np.float32(1.0 / _EXP_STEPS)
-    poly = np.float32(1.0) - f * (
-        np.float32(1.0)
-        - f
-        * (
-            np.float32(0.5)
-            - f * (np.float32(1.0 / 6.0) - f * (np.float32(1.0 / 24.0) - f * np.float32(1.0 / 120.0)))
-        )
-    )
-    return table[n] * poly
+@intrinsic
+def _f32_from_bits(typingctx, i):
+    """Reinterpret int32 bits as float32 (builds 2^k exactly; free, and keeps the loop vectorisable)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
 
 
-@njit(inline="always", cache=True)
-def metropolis_site(sx, sy, hx, hy, v, w, beta, table):
+@njit(inline="always", cache=True, error_model="numpy")
+def exp_neg(x):
+    """e^{-x} for x ≥ 0 (x ≤ 0 gives 1) in float32, branch-free so the calling loop SIMD-vectorises.
+
+    e^{-x} = 2^{-t}, t = x·log2 e = k − z/ln2 with k = round(t): 2^{-k} from the exponent bits, e^{z} for
+    |z| ≤ ln2/2 from a degree-7 Taylor polynomial. Absolute error < 6e-8 (the resolution of the 24-bit
+    uniform it is compared with); x is clamped at 87 (e^{-87} < 2e-38).
+    """
+    t = min(max(x, np.float32(0.0)), np.float32(87.0)) * _LOG2E
+    k = np.int32(t + np.float32(0.5))
+    z = (np.float32(k) - t) * _LN2
+    p = np.float32(1.0) + z * (np.float32(1.0) + z * (np.float32(1 / 2) + z * (np.float32(1 / 6) + z * (
+        np.float32(1 / 24) + z * (np.float32(1 / 120) + z * (np.float32(1 / 720) + z * np.float32(1 / 5040)))))))
+    return p * _f32_from_bits((np.int32(127) - k) << np.int32(23))
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def metropolis_site(sx, sy, hx, hy, v, w, beta):
     """One Metropolis update of spin (sx, sy) in local field (hx, hy), using 64 random bits `v`.
 
     Returns (new sx, new sy, accepted). Shared by the lattice kernel and the single-site test.
@@ -137,11 +147,11 @@ def metropolis_site(sx, sy, hx, hy, v, w, beta, table):
     nx *= g
     ny *= g
     de = hx * (sx - nx) + hy * (sy - ny)  # ΔE = −h·(s' − s)
-    acc = u2 < _exp_neg(beta * de, table)
+    acc = u2 < exp_neg(beta * de)
     return (nx if acc else sx), (ny if acc else sy), acc
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy")
 def overrelax_site(sx, sy, hx, hy):
     """Reflect s about h: s' = 2(s·h)h/|h|² − s (energy conserving, its own inverse)."""
     hh = hx * hx + hy * hy
@@ -153,165 +163,180 @@ def overrelax_site(sx, sy, hx, hy):
     return (nx * g if ok else sx), (ny * g if ok else sy)
 
 
-@njit(fastmath=_FASTMATH, cache=True)
-def _fill_ext(ext, row):
-    """ext = [row[H−1], row[0..H−1], row[0]]: the periodic horizontal neighbours without index wrapping."""
-    h = row.shape[0]
-    ext[0] = row[h - 1]
-    for i in range(h):
-        ext[i + 1] = row[i]
-    ext[h + 1] = row[0]
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
+def _local_field(x, y, c, hx, hy, ex, ey):
+    """Field h = Σ neighbours at every colour-c site, into flat [L·H] buffers hx, hy.
+
+    Up/down neighbours of half-row site i are site i of the other colour in rows y±1; the horizontal ones are
+    ext[i+p], ext[i+p+1] with p = (y + c) % 2 and ext the other colour's row padded periodically.
+    """
+    size = x.shape[1]
+    half = x.shape[2]
+    o = 1 - c
+    for row in range(size):
+        p = (row + c) & 1
+        up = row + 1 if row + 1 < size else 0
+        dn = row - 1 if row > 0 else size - 1
+        xo = x[o, row]
+        yo = y[o, row]
+        ex[0] = xo[half - 1]
+        ey[0] = yo[half - 1]
+        for i in range(half):
+            ex[i + 1] = xo[i]
+            ey[i + 1] = yo[i]
+        ex[half + 1] = xo[0]
+        ey[half + 1] = yo[0]
+        xu = x[o, up]
+        yu = y[o, up]
+        xd = x[o, dn]
+        yd = y[o, dn]
+        base = row * half
+        for i in range(half):
+            hx[base + i] = xu[i] + xd[i] + ex[i + p] + ex[i + p + 1]
+            hy[base + i] = yu[i] + yd[i] + ey[i + p] + ey[i + p + 1]
 
 
-@njit(fastmath=_FASTMATH, cache=True)
-def _metropolis_row(xs, ys, xu, yu, xd, yd, ex, ey, p, r0, r1, w, beta, table):
-    """Update one row of one colour. Horizontal neighbours of half-row site i are ext[i+p], ext[i+p+1]."""
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
+def _metropolis_flat(xs, ys, hx, hy, r0, r1, w, beta):
+    """Metropolis on one colour (flat arrays, one RNG lane per site): a long SIMD loop."""
     nacc = 0
-    for i in range(xs.shape[0]):
-        hx = xu[i] + xd[i] + ex[i + p] + ex[i + p + 1]
-        hy = yu[i] + yd[i] + ey[i + p] + ey[i + p + 1]
-        v, a, b = _next(r0[i], r1[i])
-        r0[i] = a
-        r1[i] = b
-        nx, ny, acc = metropolis_site(xs[i], ys[i], hx, hy, v, w, beta, table)
-        xs[i] = nx
-        ys[i] = ny
+    for k in range(xs.shape[0]):
+        v, a, b = _next(r0[k], r1[k])
+        r0[k] = a
+        r1[k] = b
+        nx, ny, acc = metropolis_site(xs[k], ys[k], hx[k], hy[k], v, w, beta)
+        xs[k] = nx
+        ys[k] = ny
         nacc += np.int32(acc)
     return nacc
 
 
-@njit(fastmath=_FASTMATH, cache=True)
-def _overrelax_row(xs, ys, xu, yu, xd, yd, ex, ey, p):
-    for i in range(xs.shape[0]):
-        hx = xu[i] + xd[i] + ex[i + p] + ex[i + p + 1]
-        hy = yu[i] + yd[i] + ey[i + p] + ey[i + p + 1]
-        nx, ny = overrelax_site(xs[i], ys[i], hx, hy)
-        xs[i] = nx
-        ys[i] = ny
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
+def _overrelax_flat(xs, ys, hx, hy):
+    for k in range(xs.shape[0]):
+        nx, ny = overrelax_site(xs[k], ys[k], hx[k], hy[k])
+        xs[k] = nx
+        ys[k] = ny
 
 
-@njit(fastmath=_FASTMATH, cache=True)
-def _energy_row(xs, ys, xu, yu, xd, yd, ex, ey, p):
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
+def _dot_flat(xs, ys, hx, hy):
     acc = 0.0
-    for i in range(xs.shape[0]):
-        hx = xu[i] + xd[i] + ex[i + p] + ex[i + p + 1]
-        hy = yu[i] + yd[i] + ey[i + p] + ey[i + p + 1]
-        acc += np.float64(xs[i] * hx + ys[i] * hy)
+    for k in range(xs.shape[0]):
+        acc += np.float64(xs[k] * hx[k] + ys[k] * hy[k])
     return acc
 
 
-@njit(fastmath=_FASTMATH, cache=True)
-def _lattice_pass(x, y, kind, r0, r1, w, beta, table, ex, ey):
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
+def _m2(xf, yf):
+    """|m|² = |(1/N) Σ_i s_i|²."""
+    mx = 0.0
+    my = 0.0
+    for k in range(xf.shape[0]):
+        mx += np.float64(xf[k])
+        my += np.float64(yf[k])
+    n = xf.shape[0]
+    return (mx * mx + my * my) / (n * n)
+
+
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
+def _lattice_pass(x, y, kind, r0, r1, w, beta, hx, hy, ex, ey):
     """One pass over both colours of one replica. kind 0: Metropolis, 1: over-relaxation, 2: energy.
 
-    x, y: [2, L, H]. Returns accepted moves (kind 0) or −Σ_bonds s_i·s_j (kind 2).
+    x, y: [2, L, H]; r0, r1: [≥ L·H] RNG lanes. Returns accepted moves (kind 0) or −Σ_bonds s_i·s_j (kind 2).
     """
-    size = x.shape[1]
+    nflat = x.shape[1] * x.shape[2]
     total = 0.0
     for c in range(2 if kind != 2 else 1):  # energy: colour-0 sites touch every bond exactly once
-        o = 1 - c
-        for row in range(size):
-            p = (row + c) & 1
-            up = row + 1 if row + 1 < size else 0
-            dn = row - 1 if row > 0 else size - 1
-            _fill_ext(ex, x[o, row])
-            _fill_ext(ey, y[o, row])
-            if kind == 0:
-                total += _metropolis_row(
-                    x[c, row], y[c, row], x[o, up], y[o, up], x[o, dn], y[o, dn], ex, ey, p, r0, r1, w, beta, table
-                )
-            elif kind == 1:
-                _overrelax_row(x[c, row], y[c, row], x[o, up], y[o, up], x[o, dn], y[o, dn], ex, ey, p)
-            else:
-                total -= _energy_row(x[c, row], y[c, row], x[o, up], y[o, up], x[o, dn], y[o, dn], ex, ey, p)
+        _local_field(x, y, c, hx, hy, ex, ey)
+        xs = x[c].reshape(nflat)
+        ys = y[c].reshape(nflat)
+        if kind == 0:
+            total += _metropolis_flat(xs, ys, hx, hy, r0, r1, w, beta)
+        elif kind == 1:
+            _overrelax_flat(xs, ys, hx, hy)
+        else:
+            total -= _dot_flat(xs, ys, hx, hy)
     return total
 
 
-@njit(inline="always", cache=True)
-def _site_index(c, row, i, size, half):
-    return (c * size + row) * half + i
+def neighbour_table(size: int) -> np.ndarray:
+    """int32 [N, 4]: flat split-layout indices of the up, down, left, right neighbours of every site."""
+    half = size // 2
+    nb = np.empty((2, size, half, 4), dtype=np.int32)
+    c, row, i = np.meshgrid(np.arange(2), np.arange(size), np.arange(half), indexing="ij")
+    o = 1 - c
+    p = (row + c) & 1
+    flat = lambda cc, rr, ii: (cc * size + rr) * half + ii  # noqa: E731
+    nb[..., 0] = flat(o, (row + 1) % size, i)
+    nb[..., 1] = flat(o, (row - 1) % size, i)
+    nb[..., 2] = flat(o, row, (i + p - 1) % half)
+    nb[..., 3] = flat(o, row, (i + p) % half)
+    return nb.reshape(-1, 4)
 
 
-@njit(cache=True)
-def _wolff_cluster(x, y, beta, r0, r1, lane, mark, stamp, stack, stackp):
-    """Grow and flip one Wolff cluster in replica arrays x, y [2, L, H]; returns its size."""
-    size = x.shape[1]
-    half = x.shape[2]
-    nsite = 2 * size * half
-    xf = x.reshape(nsite)
-    yf = y.reshape(nsite)
-    v, a, b = _next(r0[lane], r1[lane])
-    r0[lane], r1[lane] = a, b
+@njit(cache=True, error_model="numpy")
+def _wolff_cluster(xf, yf, beta, r0, r1, lane, nbr, mark, stamp, stack, stackp):
+    """Grow and flip one Wolff cluster in one replica's flat spin arrays; returns its size.
+
+    A random axis r embeds Ising variables σ_i = sign(r·s_i); a bond joins the cluster with probability
+    1 − exp(−2β (r·s_i)(r·s_j)) when (r·s_i)(r·s_j) > 0, and the cluster is reflected about r's normal.
+    """
+    nsite = xf.shape[0]
+    s0 = r0[lane]  # the stream lives in registers during the cluster, written back at the end
+    s1 = r1[lane]
+    v, s0, s1 = _next(s0, s1)
     phi = 2.0 * math.pi * (np.float64(v >> _U11) * _INV53)
-    rx = math.cos(phi)
-    ry = math.sin(phi)
-    v, a, b = _next(r0[lane], r1[lane])
-    r0[lane], r1[lane] = a, b
+    rx = np.float32(math.cos(phi))
+    ry = np.float32(math.sin(phi))
+    v, s0, s1 = _next(s0, s1)
     k0 = np.int64(v % np.uint64(nsite))
     pk = rx * xf[k0] + ry * yf[k0]
-    xf[k0] = np.float32(xf[k0] - 2.0 * pk * rx)
-    yf[k0] = np.float32(yf[k0] - 2.0 * pk * ry)
+    xf[k0] = xf[k0] - np.float32(2.0) * pk * rx
+    yf[k0] = yf[k0] - np.float32(2.0) * pk * ry
     mark[k0] = stamp
     stack[0] = k0
     stackp[0] = pk
     top = 1
     n = 1
+    b2 = np.float32(2.0 * beta)
     while top > 0:
         top -= 1
         k = stack[top]
         pk = stackp[top]
-        c = k // (size * half)
-        rem = k - c * size * half
-        row = rem // half
-        i = rem - row * half
-        o = 1 - c
-        p = (row + c) & 1
-        up = row + 1 if row + 1 < size else 0
-        dn = row - 1 if row > 0 else size - 1
-        il = i + p - 1
-        if il < 0:
-            il += half
-        ir = i + p
-        if ir >= half:
-            ir -= half
         for nb in range(4):
-            if nb == 0:
-                j = _site_index(o, up, i, size, half)
-            elif nb == 1:
-                j = _site_index(o, dn, i, size, half)
-            elif nb == 2:
-                j = _site_index(o, row, il, size, half)
-            else:
-                j = _site_index(o, row, ir, size, half)
+            j = nbr[k, nb]
             if mark[j] == stamp:
                 continue
             pj = rx * xf[j] + ry * yf[j]
             t = pk * pj
-            if t <= 0.0:
+            if t <= np.float32(0.0):
                 continue
-            v, a, b = _next(r0[lane], r1[lane])
-            r0[lane], r1[lane] = a, b
-            if np.float64(v >> _U11) * _INV53 < 1.0 - math.exp(-2.0 * beta * t):
+            v, s0, s1 = _next(s0, s1)
+            # join with probability 1 − e^{−2βt}: a uniform u ∈ (0, 1) exceeds e^{−2βt} with exactly that chance
+            if np.float32(v >> _U40) * _INV24 + _HALF24 > exp_neg(b2 * t):
                 mark[j] = stamp
-                nx = xf[j] - 2.0 * pj * rx
-                ny = yf[j] - 2.0 * pj * ry
-                g = 1.5 - 0.5 * (nx * nx + ny * ny)
-                xf[j] = np.float32(nx * g)
-                yf[j] = np.float32(ny * g)
+                nx = xf[j] - np.float32(2.0) * pj * rx
+                ny = yf[j] - np.float32(2.0) * pj * ry
+                g = np.float32(1.5) - np.float32(0.5) * (nx * nx + ny * ny)
+                xf[j] = nx * g
+                yf[j] = ny * g
                 stack[top] = j
                 stackp[top] = pj
                 top += 1
                 n += 1
+    r0[lane] = s0
+    r1[lane] = s1
     return n
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def run_sweeps(x, y, r0, r1, beta, width, n_over, n_wolff, n_sweeps, metropolis, table, energy, accepted, clusters,
-               mark, stamps, stack, stackp):
+@njit(parallel=True, fastmath=_FASTMATH, cache=True, error_model="numpy")
+def run_sweeps(x, y, r0, r1, beta, width, n_over, n_wolff, n_sweeps, metropolis, energy, mag2, accepted, clusters,
+               nbr, mark, stamps, stack, stackp):
     """Advance every replica by `n_sweeps` sweeps (parallel over replicas), recording e per sweep.
 
-    x, y: float32 [R, 2, L, H]; r0, r1: uint64 [R, H+1] (lane H drives the Wolff clusters);
-    energy: float64 [R, ≥n_sweeps] (per site); accepted, clusters: int64 [R, 2] accumulators
+    x, y: float32 [R, 2, L, H]; r0, r1: uint64 [R, L·H+1] (lane L·H drives the Wolff clusters);
+    energy, mag2: float64 [R, ≥n_sweeps] (per site; |m|²); accepted, clusters: int64 [R, 2] accumulators
     (Metropolis accepted/proposed, Wolff flipped sites/clusters).
     """
     nrep = x.shape[0]
@@ -321,24 +346,30 @@ def run_sweeps(x, y, r0, r1, beta, width, n_over, n_wolff, n_sweeps, metropolis,
     for r in prange(nrep):
         ex = np.empty(half + 2, dtype=np.float32)
         ey = np.empty(half + 2, dtype=np.float32)
+        hx = np.empty(size * half, dtype=np.float32)
+        hy = np.empty(size * half, dtype=np.float32)
         b = np.float32(beta[r])
         w = np.float32(width[r])
         xr = x[r]
         yr = y[r]
+        xf = xr.reshape(nsite)
+        yf = yr.reshape(nsite)
         rr0 = r0[r]
         rr1 = r1[r]
         for t in range(n_sweeps):
             for _ in range(n_wolff[r]):
                 stamps[r] += 1
-                clusters[r, 0] += _wolff_cluster(xr, yr, beta[r], rr0, rr1, half, mark[r], stamps[r], stack[r],
+                clusters[r, 0] += _wolff_cluster(xf, yf, beta[r], rr0, rr1, size * half, nbr, mark[r], stamps[r],
+                                                 stack[r],
                                                  stackp[r])
                 clusters[r, 1] += 1
             if metropolis:
-                accepted[r, 0] += np.int64(_lattice_pass(xr, yr, 0, rr0, rr1, w, b, table, ex, ey))
+                accepted[r, 0] += np.int64(_lattice_pass(xr, yr, 0, rr0, rr1, w, b, hx, hy, ex, ey))
                 accepted[r, 1] += nsite
             for _ in range(n_over):
-                _lattice_pass(xr, yr, 1, rr0, rr1, w, b, table, ex, ey)
-            energy[r, t] = _lattice_pass(xr, yr, 2, rr0, rr1, w, b, table, ex, ey) / nsite
+                _lattice_pass(xr, yr, 1, rr0, rr1, w, b, hx, hy, ex, ey)
+            energy[r, t] = _lattice_pass(xr, yr, 2, rr0, rr1, w, b, hx, hy, ex, ey) / nsite
+            mag2[r, t] = _m2(xf, yf)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -375,7 +406,7 @@ def join_lattice(split: np.ndarray) -> np.ndarray:
 class MoveSet:
     metropolis: bool = True
     overrelax: int = 2  # over-relaxation sweeps per sweep
-    wolff: float = 1.0  # Wolff-flipped sites per sweep as a fraction of N (0 disables clusters)
+    wolff: float = 0.25  # Wolff-flipped sites per sweep as a fraction of N (≥ 1 cluster; 0 disables clusters)
 
     def describe(self) -> str:
         parts = []
@@ -402,22 +433,24 @@ class NumbaSampler:
         theta = split_lattice(start.astype(np.float64))
         self.x = np.ascontiguousarray(np.cos(theta), dtype=np.float32)
         self.y = np.ascontiguousarray(np.sin(theta), dtype=np.float32)
-        self.r0, self.r1 = seed_streams(seed, (nrep, half + 1))
+        self.r0, self.r1 = seed_streams(seed, (nrep, size * half + 1))
         self.width = np.full(nrep, 1.0, dtype=np.float32)
         self.n_wolff = np.full(nrep, 1 if moves.wolff > 0 else 0, dtype=np.int64)
         nsite = size * size
+        self.nbr = neighbour_table(size)
         self.mark = np.zeros((nrep, nsite), dtype=np.int64)
         self.stamps = np.zeros(nrep, dtype=np.int64)
         self.stack = np.zeros((nrep, nsite), dtype=np.int64)
-        self.stackp = np.zeros((nrep, nsite), dtype=np.float64)
+        self.stackp = np.zeros((nrep, nsite), dtype=np.float32)
         self.accepted = np.zeros((nrep, 2), dtype=np.int64)
         self.clusters = np.zeros((nrep, 2), dtype=np.int64)
 
     def sweep(self, n: int) -> np.ndarray:
         energy = np.empty((len(self.betas), n), dtype=np.float64)
+        self.mag2 = np.empty((len(self.betas), n), dtype=np.float64)  # |m|² per sweep, for τ of a slow mode
         run_sweeps(self.x, self.y, self.r0, self.r1, self.betas, self.width, self.moves.overrelax, self.n_wolff, n,
-                   self.moves.metropolis, _EXP_TABLE, energy, self.accepted, self.clusters, self.mark, self.stamps,
-                   self.stack, self.stackp)
+                   self.moves.metropolis, energy, self.mag2, self.accepted, self.clusters, self.nbr, self.mark,
+                   self.stamps, self.stack, self.stackp)
         return energy
 
     def reset_counters(self) -> None:
@@ -443,7 +476,8 @@ class NumbaSampler:
 _TUNING_DEFAULTS: dict[str, Any] = {
     "replicas": 1,  # independent chains per temperature; samples are split between them
     "overrelax": 2,
-    "wolff": 1.0,
+    "wolff": 0.25,
+    "wolff_min_cluster": 16.0,  # cap on clusters per sweep: wolff·N / wolff_min_cluster
     "metropolis": True,
     "tune_sweeps": 200,  # window / cluster-count tuning (discarded)
     "therm_min": 500,  # minimum equilibration sweeps after tuning
@@ -515,7 +549,10 @@ def _tune(sampler, temps_rep: np.ndarray, opts: dict[str, Any], nsite: int, pbar
     """Tune the Metropolis window and the Wolff cluster count per replica; frozen afterwards."""
     moves: MoveSet = sampler.moves
     block = 10
-    for _ in range(max(1, opts["tune_sweeps"] // block)):
+    n_blocks = max(1, opts["tune_sweeps"] // block)
+    flipped = np.zeros(len(temps_rep))
+    clusters = np.zeros(len(temps_rep))
+    for k in range(n_blocks):
         sampler.reset_counters()
         sampler.sweep(block)
         if pbar is not None:
@@ -524,9 +561,31 @@ def _tune(sampler, temps_rep: np.ndarray, opts: dict[str, Any], nsite: int, pbar
             acc = sampler.acceptance()
             factor = np.clip((acc + 0.02) / opts["target_acceptance"], 0.5, 2.0)
             sampler.width = np.clip(sampler.width * factor, 0.02, 30.0).astype(np.float32)
-        if moves.wolff > 0:
-            mean_c = np.maximum(sampler.mean_cluster(), 1.0)
-            sampler.n_wolff = np.clip(np.rint(moves.wolff * nsite / mean_c), 1, nsite).astype(np.int64)
+        if moves.wolff > 0 and getattr(sampler, "tunes_clusters", True):
+            if k >= n_blocks // 2:  # cluster sizes averaged over the second half (the state has relaxed by then)
+                flipped += sampler.clusters[:, 0]
+                clusters += sampler.clusters[:, 1]
+                mean_c = np.maximum(flipped / np.maximum(clusters, 1), 1.0)
+            else:
+                mean_c = np.maximum(sampler.mean_cluster(), 1.0)
+            # ~wolff·N flipped sites per sweep; at most wolff·N/16 clusters, because at high T clusters are tiny
+            # (there local moves decorrelate fast and a cluster costs ~10 Metropolis updates per site)
+            cap = max(1, round(moves.wolff * nsite / opts["wolff_min_cluster"]))
+            sampler.n_wolff = np.clip(np.rint(moves.wolff * nsite / mean_c), 1, cap).astype(np.int64)
+
+
+def tuned_sampler(size: int, temperatures: Sequence[float], seed: int = 0, device: str = "cpu",
+                  backend: str = "auto", **tuning: Any):
+    """A sampler for `temperatures` (× replicas) whose Metropolis window and Wolff count are tuned (benchmarks)."""
+    temps = _check_args(size, temperatures, 1)
+    opts = {**_TUNING_DEFAULTS, **tuning}
+    moves = MoveSet(metropolis=bool(opts["metropolis"]), overrelax=int(opts["overrelax"]), wolff=float(opts["wolff"]))
+    replicas = int(opts["replicas"])
+    temps_rep = np.repeat(temps, replicas)
+    start = _initial_state(temps, replicas, size, opts["start"], seed)
+    sampler = _make_sampler(device, size, 1.0 / temps_rep, moves, seed, start, backend)
+    _tune(sampler, temps_rep, opts, size * size, None)
+    return sampler
 
 
 def simulate(
@@ -576,16 +635,21 @@ def simulate(
 
     # 2. equilibrate until the run is long against τ: at least therm_tau·τ_max sweeps (and therm_min)
     series: list[np.ndarray] = []
+    series_m: list[np.ndarray] = []
     done = 0
     block = int(opts["therm_min"])
     hit_max = False
     while True:
         series.append(sampler.sweep(block))
+        series_m.append(sampler.mag2)
         done += block
         if pbar is not None:
             pbar.update(block)
         pilot = np.concatenate(series, axis=1)[:, done // 2 :]
-        taus = np.array([statistics(e).tau for e in pilot])
+        pilot_m = np.concatenate(series_m, axis=1)[:, done // 2 :]
+        # τ of the energy and of |m|², a slow mode near T_KT: both must be short against the run and the spacing
+        taus_e = np.array([statistics(e).tau for e in pilot])
+        taus = np.maximum(taus_e, [statistics(m).tau for m in pilot_m])
         need = max(int(opts["therm_min"]), int(math.ceil(opts["therm_tau"] * taus.max())))
         if done >= need:
             break
@@ -606,15 +670,18 @@ def simulate(
         pbar.refresh()
     snaps = np.empty((per_replica, len(temps_rep), size, size), dtype=np.float32)
     sampler.reset_counters()
-    prod = []
+    prod, prod_m = [], []
     for s in range(per_replica):
         prod.append(sampler.sweep(spacing))
+        prod_m.append(sampler.mag2)
         snaps[s] = sampler.angles()
         if pbar is not None:
             pbar.update(spacing)
     if pbar is not None:
         pbar.close()
     energy = np.concatenate([pilot, *prod], axis=1)  # pilot half + production: one contiguous equilibrium series
+    mag2 = np.concatenate([pilot_m, *prod_m], axis=1)
+    tau_m2 = np.array([statistics(m).tau for m in mag2]).reshape(len(temps), replicas).max(axis=1)
 
     # 4. assemble: temperature-major, replicas interleaved so any prefix of a temperature mixes chains
     snaps = snaps.reshape(per_replica, len(temps), replicas, size, size).transpose(1, 0, 2, 3, 4)
@@ -652,12 +719,14 @@ def simulate(
             "production": int(per_replica * spacing),
             "total": int(opts["tune_sweeps"] + done + per_replica * spacing),
         },
-        "tau_definition": "energy integrated autocorrelation time tau_int = 1/2 + sum_t rho(t) in sweeps "
-                          "(FFT, Sokal window c=5); samples spaced by >= spacing_factor * max tau",
+        "tau_definition": "integrated autocorrelation time tau_int = 1/2 + sum_t rho(t) in sweeps (FFT, Sokal "
+                          "window c=5) of the energy ('tau') and of |m|^2 ('tau_m2'); samples are spaced by >= "
+                          "spacing_factor * the largest pilot tau of either",
         "tau": tau_final.round(4).tolist(),
+        "tau_m2": tau_m2.round(4).tolist(),
         "tau_pilot": taus.reshape(len(temps), replicas).max(axis=1).round(4).tolist(),
         "spacing_factor": float(opts["spacing_factor"]),
-        "spacing_ok": bool(spacing >= opts["spacing_factor"] * tau_final.max() * 0.999),
+        "spacing_ok": bool(spacing >= opts["spacing_factor"] * max(tau_final.max(), tau_m2.max()) * 0.999),
         "equilibration_capped": hit_max,
         "energy_mean": [s.mean for s in stats_t],
         "energy_error": [s.error_of_mean for s in stats_t],

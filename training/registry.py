@@ -11,7 +11,6 @@ Gates (all evaluated on the registered artifact with onnxruntime, no torch neede
 
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,16 +71,9 @@ class PromotionError(RuntimeError):
     """The version or its artifacts cannot be found or read."""
 
 
-def _rel_diff(a: np.ndarray, b: np.ndarray, angle: bool) -> float:
-    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    if angle:
-        d = np.minimum(d, 2 * math.pi - d)
-    return float((d / np.maximum(1.0, np.abs(b.astype(np.float64)))).max()) if d.size else 0.0
-
-
 def evaluate_gates(model_dir: str | Path, thresholds: dict[str, float] | None = None, seed: int = 0) -> list[Gate]:
     """Run every gate on a downloaded model folder (one .onnx + validation_probe.npz)."""
-    from training.export import ANGLE_OUTPUTS, OUTPUT_NAMES, run_onnx
+    from training.export import OUTPUT_NAMES, output_differences, run_onnx
 
     th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     model_dir = Path(model_dir)
@@ -97,7 +89,7 @@ def evaluate_gates(model_dir: str | Path, thresholds: dict[str, float] | None = 
     out = run_onnx(onnx_files[0], angles)
     gates = []
 
-    diffs = {n: _rel_diff(out[n], ref[n], n in ANGLE_OUTPUTS) for n in OUTPUT_NAMES}
+    diffs = output_differences(out, ref)
     worst = max(diffs, key=diffs.get)
     v = diffs[worst]
     ok = v <= th["parity_max_abs"]
@@ -178,7 +170,7 @@ def promote(
     passed = all(g.passed for g in gates)
     previous = None
     try:
-        previous = client.get_model_version_by_alias(name, alias).version
+        previous = str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         previous = None
     moved = False
