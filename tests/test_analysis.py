@@ -399,3 +399,22 @@ def test_cli_errors_are_one_line(small_run, tmp_path, capsys):
         == 2
     )
     assert "no such file" in capsys.readouterr().err
+
+
+def test_analyze_runs_on_a_really_exported_model(small_run, tmp_path):
+    """The real exporter's graph (training.train → training.export), not only the stand-in, fits the analysis."""
+    from training.dataset import LatticeDataset
+    from training.train import train_model
+
+    d8 = small_run["d8"]
+    few = np.flatnonzero(np.isin(d8.temperature, d8.temperature[::240]))[::3]  # a small training set
+    res = train_model(
+        LatticeDataset(d8.angles[few], d8.temperature[few], d8.metadata), kind="hgvae", epochs=1, register=False,
+        out_dir=tmp_path / "train", seed=0, threads=1,
+    )  # fmt: skip
+    ev = A.evaluate_model(A.load_model(str(res.onnx_path)), d8.angles, d8.temperature.astype(np.float64), n_boot=5)
+    assert ev.model.kind == "hgvae" and ev.model.size == 8
+    assert ev.contract_check["max_abs_discrepancy_vs_physics"] < 1e-4
+    assert ev.contract_check["max_abs_vortex_density_vs_physics"] == 0.0
+    assert len(ev.table) == len(np.unique(d8.temperature)) and ev.latent is not None
+    assert math.isfinite(ev.latent.estimate.value)
