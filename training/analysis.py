@@ -670,11 +670,15 @@ def evaluate_model(
         v_q = physics.vortex_map(quenched).numpy()
         v_th = physics.vortex_map(th_t[low]).numpy()
         v_in = physics.vortex_map(x[low]).numpy()
+        # the model as a generator: a sampled reconstruction, quenched the same way, should carry the same
+        # vortices as the quenched input (its spin waves are noise, its vortices should be the input's)
+        v_qs = physics.vortex_map(qn.quench(sm_t[low], steps=quench_steps)).numpy()
         t_low = np.asarray(temperature)[low]
         for t in np.unique(t_low):
             m = t_low == t
             s_th = qn.match_vortices(v_th[m], v_q[m], vortex_tolerance)
             s_in = qn.match_vortices(v_in[m], v_q[m], vortex_tolerance)
+            s_qs = qn.match_vortices(v_qs[m], v_q[m], vortex_tolerance)
             separation["per_temperature"].append(
                 {
                     "temperature": float(t),
@@ -684,11 +688,13 @@ def evaluate_model(
                     "vortices_per_config_theta": float(np.abs(v_th[m]).sum() / m.sum()),
                     "theta_vs_quenched": s_th.as_dict(),
                     "input_vs_quenched": s_in.as_dict(),
+                    "quenched_sample_vs_quenched_input": s_qs.as_dict(),
                 }
             )
         total = qn.match_vortices(v_th, v_q, vortex_tolerance)
         separation["theta_vs_quenched"] = total.as_dict()
         separation["input_vs_quenched"] = qn.match_vortices(v_in, v_q, vortex_tolerance).as_dict()
+        separation["quenched_sample_vs_quenched_input"] = qn.match_vortices(v_qs, v_q, vortex_tolerance).as_dict()
         # example for the maps: the configuration with the most surviving vortices
         k = int(np.argmax(np.abs(v_q).sum(axis=(-2, -1))))
         example = {
@@ -782,15 +788,23 @@ def analyze(
         raise AnalysisError("no data sets given (--data)")
     data = load_data(data_paths)
 
+    # models
+    # registry downloads live only while loading: the onnxruntime sessions hold the graphs in memory
+    with tempfile.TemporaryDirectory(prefix="hgvae-analyze-") as cache:
+        models = [load_model(u, tracking_uri, Path(cache) / str(i)) for i, u in enumerate(model_uris)]
+    _unique_names(models)
+    for m in models:  # fail before any long computation
+        if m.size not in data:
+            raise AnalysisError(
+                f"{m.uri}: model is for L={m.size} but the data sets have L={sorted(data)}; "
+                f"add a --data set of L={m.size}"
+            )
     # (a) Monte Carlo helicity crossings, on all the data (no subsampling: the errors need every sample)
     helicity: dict[int, HelicityCurve] = {}
     for size, d in data.items():
         if len(np.unique(d.temperature)) >= 2:
             helicity[size] = helicity_crossing(d.angles, d.temperature, n_boot=n_boot, seed=seed)
 
-    # models
-    models = [load_model(u, tracking_uri, out / ".models" / f"{i}") for i, u in enumerate(model_uris)]
-    _unique_names(models)
     evaluations: list[ModelEvaluation] = []
     iterator = models
     if progress:
@@ -798,11 +812,6 @@ def analyze(
 
         iterator = tqdm(models, desc="analyze", unit="model")
     for m in iterator:
-        if m.size not in data:
-            raise AnalysisError(
-                f"{m.uri}: model is for L={m.size} but the data sets have L={sorted(data)}; "
-                f"add a --data set of L={m.size}"
-            )
         d = data[m.size]
         keep = subsample(d.temperature, per_temperature, seed)
         evaluations.append(
