@@ -783,7 +783,6 @@ def analyze(
     from training import analysis_report as report
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if not data_paths:
         raise AnalysisError("no data sets given (--data)")
     data = load_data(data_paths)
@@ -799,6 +798,11 @@ def analyze(
                 f"{m.uri}: model is for L={m.size} but the data sets have L={sorted(data)}; "
                 f"add a --data set of L={m.size}"
             )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AnalysisError(f"cannot create the output directory {out}: {exc}") from exc
+
     # (a) Monte Carlo helicity crossings, on all the data (no subsampling: the errors need every sample)
     helicity: dict[int, HelicityCurve] = {}
     for size, d in data.items():
