@@ -80,7 +80,7 @@ def write_figures(
                     color=ax.lines[-1].get_color(),
                     label=f"{ev.model.name}: sampled θ+σε",
                 )
-            tt = np.linspace(0.05, 0.9, 50)
+            tt = np.linspace(min(0.9, ax.get_xlim()[0]), 0.9, 50)
             ax.plot(tt, -2 + tt / 2 + tt**2 / 16, ":", color="grey", label="spin waves −2+T/2+T²/16")
             ax.set(xlabel="T", ylabel="energy per site e", title=f"e(T), L={size}")
             ax.legend(fontsize=7)
