@@ -342,29 +342,20 @@ def test_report_is_logged_to_the_models_mlflow_run(small_run, tmp_path):
     run_id = client.create_run(exp).info.run_id
     model = export_standin(tmp_path / "m.onnx", 8, run_id=run_id)
     client.log_artifact(run_id, str(model), artifact_path="model")
+    client.create_registered_model("hgvae-test")
+    client.create_model_version("hgvae-test", f"runs:/{run_id}/model", run_id=run_id)
+    client.set_registered_model_alias("hgvae-test", "champion", "1")
     out = tmp_path / "report"
-    # resolve the model through the run URI, log the report back to the same run
-    assert (
-        _run_cli(
-            [
-                "analyze",
-                "--data",
-                str(small_run["data"][0]),
-                "--model",
-                f"runs:/{run_id}",
-                "--out",
-                str(out),
-                "--tracking-uri",
-                uri,
-                "--bootstrap",
-                "10",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    # resolve the model through the run URI and through the registry; log the report back to the run
+    argv = ["analyze", "--data", str(small_run["data"][0]), "--model", f"runs:/{run_id}",
+            "--model", "models:/hgvae-test@champion", "--out", str(out), "--tracking-uri", uri, "--bootstrap", "10",
+            "-q"]  # fmt: skip
+    assert _run_cli(argv) == 0
+    assert mlflow.get_registry_uri() != uri  # the download did not leave the global registry URI changed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mlflow"]["logged"] == [run_id]
+    assert set(summary["models"]) == {"hgvae-L8", "hgvae-L8-2"}
+    assert summary["models"]["hgvae-L8-2"]["uri"] == "models:/hgvae-test@champion"
     names = {f.path for f in client.list_artifacts(run_id, "analysis")}
     assert {"analysis/report.md", "analysis/summary.json", "analysis/helicity_modulus.png"} <= names
     metric = client.get_run(run_id).data.metrics["analysis_mean_relative_abs_discrepancy"]

@@ -460,13 +460,20 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: Path
             uri = uri.rstrip("/") + "/model"  # runs:/<id> → its logged model
         dst = Path(cache_dir or tempfile.mkdtemp(prefix="hgvae-analyze-"))
         dst.mkdir(parents=True, exist_ok=True)
+        store = default_tracking_uri(tracking_uri)
+        # models:/ resolves through the *registry* URI, which download_artifacts(tracking_uri=...) leaves
+        # at its default: point both at the same store for the download, then restore them.
+        previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
         try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(dst), tracking_uri=default_tracking_uri(tracking_uri)
-            )
+            mlflow.set_tracking_uri(store)
+            mlflow.set_registry_uri(store)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
         except Exception as exc:  # mlflow raises many types (MlflowException, OSError, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise AnalysisError(f"{uri}: cannot download the model ({first})") from exc
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
         local_path = Path(local)
         return local_path if local_path.is_file() else _single_onnx(local_path, uri)
     path = Path(uri)
