@@ -990,6 +990,8 @@ def acceptance(summary: dict[str, Any]) -> dict[str, Any]:
                     "latent_estimate": lat["estimate"]["value"],
                     "helicity_crossing": lat["helicity_crossing_same_L"],
                     "relative_difference": rd,
+                    "relative_error_of_latent_estimate": (lat["estimate"]["error"] or math.nan)
+                    / lat["helicity_crossing_same_L"],
                     "passed": bool(abs(rd) <= 0.05),
                 }
             )
