@@ -818,7 +818,7 @@ def analyze(
 
     evaluations: list[ModelEvaluation] = []
     iterator = models
-    if progress:
+    if progress and models:
         from tqdm import tqdm
 
         iterator = tqdm(models, desc="analyze", unit="model")
