@@ -8,14 +8,15 @@ The estimators are pure functions (numpy in, dataclass/dict out) so they are tes
 
 * `helicity_crossing` — T where Υ(T, L) crosses 2T/π (linear interpolation between the bracketing
   temperatures), error from a bootstrap over configurations within each temperature.
-* `latent_transition` — from the latent means alone, no phase labels: where the distribution of
-  latent means changes fastest with T (energy distance between neighbouring temperatures), and the
-  peak of the susceptibility of the leading principal component. Why: a model's latent can encode
-  the magnetization direction (a ring), the energy (an axis) or a coarse spin field; a distribution
-  distance sees all of them without knowing which, and is invariant to the latent's arbitrary
-  rotation and scale. `reference_crossovers` applies the classic estimators to the Monte Carlo
-  observables themselves, so the report shows where a latent that learned energy or magnetization
-  is bound to land on a finite lattice.
+* `latent_transition` — from the latent means alone, no phase labels: order parameter
+  r = |M − ⟨M⟩| (M the latent mean, cell-averaged for a spatial latent, whose channels track the
+  block-averaged spins) and its susceptibility χ_z(T) = N·Var(r | T); estimate = peak of χ_z, error by
+  bootstrap. Why: below T_KT a finite lattice has a large, slowly rotating magnetization that the encoder
+  must carry (a ring of latent means); its fluctuations peak where the quasi-order melts. The steepest
+  descent of ⟨r⟩ is reported beside it. `reference_crossovers` applies the same kind of estimators to the
+  Monte Carlo observables, showing where any magnetization- or energy-like latent is bound to land on a
+  finite lattice; `helicity_crossing` on decoded samples (θ + σε at the latent means) is the model-based
+  check of the stiffness itself.
 * `finite_size_fit` — T(L) = T_KT + c / ln² L, weighted least squares.
 * `linear_fit` — σ²(T) at low T (spin-wave theory: ∝ T).
 """
@@ -193,118 +194,103 @@ def helicity_crossing(angles: np.ndarray, temperature: np.ndarray, n_boot: int =
 # (b) latent space, no labels
 
 
-def principal_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(centre, axes [k, d] as rows, explained-variance fractions) of the rows of x."""
-    x = np.asarray(x, dtype=np.float64)
-    centre = x.mean(axis=0)
-    _, s, vt = np.linalg.svd(x - centre, full_matrices=False)
-    var = s**2
-    return centre, vt, var / max(float(var.sum()), 1e-300)
+def latent_field(latent_mean: np.ndarray, metadata: dict[str, str], size: int) -> np.ndarray | None:
+    """[B, c, L/2, L/2] view of a spatial latent (hgvae.model_config says latent = "spatial"), else None."""
+    try:
+        cfg = json.loads(metadata.get("hgvae.model_config", "{}"))
+    except json.JSONDecodeError:
+        return None
+    cells = (size // 2) ** 2
+    mu = np.asarray(latent_mean)
+    if cfg.get("latent") != "spatial" or mu.shape[1] % cells:
+        return None
+    return mu.reshape(len(mu), mu.shape[1] // cells, size // 2, size // 2)
 
 
-def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Euclidean distance matrix between the rows of a and b (float64, clipped at 0 before the root)."""
-    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.sqrt(np.maximum(d2, 0.0))
+def latent_magnetization(latent_mean: np.ndarray, metadata: dict[str, str] | None = None, size: int = 0) -> np.ndarray:
+    """The translation-invariant part of the latent: the cell average of a spatial latent, else μ itself.
+
+    A spatial latent is a coarse-grained spin field (its channels track the block-averaged cos θ, sin θ),
+    so its cell average plays the role of the magnetization; a global latent is used as it is.
+    """
+    field = latent_field(latent_mean, metadata or {}, size) if size else None
+    return field.mean(axis=(-2, -1)) if field is not None else np.asarray(latent_mean)
 
 
-def energy_distance(daa: np.ndarray, dbb: np.ndarray, dab: np.ndarray) -> float:
-    """Székely's energy distance 2E|X−Y| − E|X−X'| − E|Y−Y'| from distance matrices (V-statistic)."""
-    return float(2.0 * dab.mean() - daa.mean() - dbb.mean())
+def latent_order_parameter(latent_vector: np.ndarray) -> np.ndarray:
+    """r = |M − ⟨M⟩| per sample: distance of each (pooled) latent mean from the centroid of all of them."""
+    m = np.asarray(latent_vector, dtype=np.float64)
+    return np.linalg.norm(m - m.mean(axis=0), axis=1)
 
 
 @dataclass(frozen=True)
 class LatentTransition:
     temperatures: np.ndarray
-    pc1_mean: np.ndarray  # ⟨p1⟩(T): the latent order parameter, p1 = leading principal component of μ
-    pc1_std: np.ndarray
-    pc1_explained: float  # fraction of the latent-mean variance along p1
-    susceptibility: np.ndarray  # χ_1(T) = N·Var(p1 | T)
+    order_parameter: np.ndarray  # ⟨r⟩(T)
+    order_parameter_std: np.ndarray
+    susceptibility: np.ndarray  # χ_z(T) = N·Var(r | T)
     susceptibility_error: np.ndarray
-    rate_temperatures: np.ndarray  # midpoints between neighbouring temperatures
-    change_rate: np.ndarray  # sqrt(energy distance between the latent distributions at T_i, T_i+1) / ΔT
-    change_rate_error: np.ndarray
-    estimate: Estimate  # primary: where the latent distribution changes fastest
-    susceptibility_peak: Estimate  # secondary: peak of χ_1
+    estimate: Estimate  # primary: peak of χ_z
+    steepest: Estimate  # secondary: steepest descent of ⟨r⟩
+
+
+def _steepest_descent(temps: np.ndarray, mean_r: np.ndarray) -> float:
+    """T of the steepest drop of ⟨r⟩(T): peak of −d⟨r⟩/dT (differences at midpoints)."""
+    mid = 0.5 * (temps[1:] + temps[:-1])
+    return parabolic_peak(mid, -np.diff(mean_r) / np.diff(temps))
 
 
 def latent_transition(
-    latent_mean: np.ndarray, temperature: np.ndarray, size: int, n_boot: int = 200, seed: int = 0
+    latent_vector: np.ndarray, temperature: np.ndarray, size: int, n_boot: int = 200, seed: int = 0
 ) -> LatentTransition:
     """Transition temperature from the latent means alone, without phase labels.
 
-    Primary estimate: the temperature where the distribution of latent means changes fastest,
-    R(T) = sqrt(D_E(P_T, P_T+ΔT)) / ΔT with D_E the energy distance (zero iff the two distributions are
-    equal), peak refined by a parabola. It assumes nothing about which coordinates the model uses for
-    what (a ring of magnetization directions, an energy axis, a spatial field), is invariant to
-    rotations and shifts of the latent space, and needs no threshold. Secondary: the peak of the
-    susceptibility of the leading principal component, χ_1(T) = N·Var(p1 | T). Temperatures only group
-    samples (they are the control parameter, not a label). Errors: bootstrap over samples within each
-    temperature, reusing the distance matrices.
+    Order parameter r = |M − ⟨M⟩| with M the (pooled) latent mean of a sample; estimate = peak of the
+    latent susceptibility χ_z(T) = N·Var(r | T) (parabola through the maximum and its neighbours); the
+    steepest descent of ⟨r⟩(T) beside it. Temperatures only group samples (they are the control
+    parameter, not a label). Errors: bootstrap over samples within each temperature.
     """
-    mu = np.asarray(latent_mean, dtype=np.float64)
+    r = latent_order_parameter(latent_vector)
     temps, groups = group_by_temperature(temperature)
     if len(temps) < 3:
         raise AnalysisError(f"the latent transition needs ≥ 3 temperatures, got {len(temps)}")
     nsite = size * size
-    centre, axes, explained = principal_axes(mu)
-    p1 = (mu - centre) @ axes[0]
-    if p1[groups[0]].mean() < 0:  # orientation: positive at the lowest temperature
-        p1 = -p1
-    mid = 0.5 * (temps[1:] + temps[:-1])
-    dt = np.diff(temps)
-    blocks = [mu[g] for g in groups]
-    within = [_pairwise(b, b) for b in blocks]
-    cross = [_pairwise(blocks[i], blocks[i + 1]) for i in range(len(blocks) - 1)]
 
-    def rate(idx: list[np.ndarray]) -> np.ndarray:
-        out = np.empty(len(cross))
-        for i, dab in enumerate(cross):
-            a, b = idx[i], idx[i + 1]
-            ed = energy_distance(within[i][np.ix_(a, a)], within[i + 1][np.ix_(b, b)], dab[np.ix_(a, b)])
-            out[i] = math.sqrt(max(ed, 0.0)) / dt[i]
-        return out
+    def chi(idx: list[np.ndarray]) -> np.ndarray:
+        return np.array([nsite * r[g].var(ddof=1) if len(g) > 1 else math.nan for g in idx])
 
-    def chi(idx: list[np.ndarray], p: np.ndarray) -> np.ndarray:
-        return np.array([nsite * p[g].var(ddof=1) if len(g) > 1 else math.nan for g in idx])
+    def mean_r(idx: list[np.ndarray]) -> np.ndarray:
+        return np.array([r[g].mean() for g in idx])
 
-    local = [np.arange(len(g)) for g in groups]
-    rate0, chi0 = rate(local), chi(groups, p1)
+    chi0, m0 = chi(groups), mean_r(groups)
     rng = np.random.default_rng(seed)
-    rates, chis, peaks_r, peaks_c = [], [], np.empty(n_boot), np.empty(n_boot)
+    peaks, steeps, chis = np.empty(n_boot), np.empty(n_boot), []
     for b in range(n_boot):
-        loc = [rng.integers(0, len(g), len(g)) for g in groups]
-        rb = rate(loc)
-        cb = chi([g[i] for g, i in zip(groups, loc, strict=True)], p1)
-        rates.append(rb)
+        idx = [g[rng.integers(0, len(g), len(g))] for g in groups]
+        cb = chi(idx)
         chis.append(cb)
-        peaks_r[b] = parabolic_peak(mid, rb)
-        peaks_c[b] = parabolic_peak(temps, cb)
-    err_r, _ = _boot_error(peaks_r)
-    err_c, _ = _boot_error(peaks_c)
+        peaks[b] = parabolic_peak(temps, cb)
+        steeps[b] = _steepest_descent(temps, mean_r(idx))
+    peak_err, _ = _boot_error(peaks)
+    steep_err, _ = _boot_error(steeps)
     return LatentTransition(
         temperatures=temps,
-        pc1_mean=np.array([p1[g].mean() for g in groups]),
-        pc1_std=np.array([p1[g].std(ddof=1) if len(g) > 1 else math.nan for g in groups]),
-        pc1_explained=float(explained[0]),
+        order_parameter=m0,
+        order_parameter_std=np.array([r[g].std(ddof=1) if len(g) > 1 else math.nan for g in groups]),
         susceptibility=chi0,
         susceptibility_error=np.nanstd(np.stack(chis), axis=0, ddof=1),
-        rate_temperatures=mid,
-        change_rate=rate0,
-        change_rate_error=np.nanstd(np.stack(rates), axis=0, ddof=1),
         estimate=Estimate(
-            parabolic_peak(mid, rate0),
-            err_r,
-            "peak of the rate of change of the latent-mean distribution, sqrt(energy distance between "
-            "neighbouring temperatures)/ΔT; bootstrap over samples",
+            parabolic_peak(temps, chi0),
+            peak_err,
+            "peak of the latent susceptibility χ_z(T) = N·Var(|M − ⟨M⟩| at T), M the latent mean (cell-averaged "
+            "for a spatial latent); bootstrap over samples",
             {"bootstrap_resamples": n_boot},
         ),
-        susceptibility_peak=Estimate(
-            parabolic_peak(temps, chi0),
-            err_c,
-            "peak of χ_1(T) = N·Var(p1 | T), p1 the leading principal component of the latent means; "
-            "bootstrap over samples",
-            {"bootstrap_resamples": n_boot, "pc1_explained_variance": float(explained[0])},
+        steepest=Estimate(
+            _steepest_descent(temps, m0),
+            steep_err,
+            "steepest descent of the latent order parameter ⟨|M − ⟨M⟩|⟩(T); bootstrap over samples",
+            {"bootstrap_resamples": n_boot},
         ),
     )
 
@@ -444,6 +430,26 @@ def _single_onnx(directory: Path, uri: str) -> Path:
     return found[0]
 
 
+def _registry_source(uri: str, store: str) -> str:
+    """Artifact URI of `models:/name@alias` or `models:/name/version` in the registry of `store`.
+
+    Resolved with an explicit client instead of the global registry URI, which download_artifacts would
+    otherwise use (and which this function must not change for the rest of the process).
+    """
+    from mlflow.tracking import MlflowClient
+
+    ref = uri[len("models:/") :].strip("/")
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+    else:
+        raise AnalysisError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return client.get_model_version_download_uri(name, version)
+
+
 def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: Path | None = None) -> Path:
     """Local path of the ONNX file behind a model URI.
 
@@ -461,19 +467,15 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: Path
         dst = Path(cache_dir or tempfile.mkdtemp(prefix="hgvae-analyze-"))
         dst.mkdir(parents=True, exist_ok=True)
         store = default_tracking_uri(tracking_uri)
-        # models:/ resolves through the *registry* URI, which download_artifacts(tracking_uri=...) leaves
-        # at its default: point both at the same store for the download, then restore them.
-        previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
         try:
-            mlflow.set_tracking_uri(store)
-            mlflow.set_registry_uri(store)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+            if uri.startswith("models:/"):
+                uri = _registry_source(uri, store)  # models:/ → the version's artifact URI in this store
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store)
+        except AnalysisError:
+            raise
         except Exception as exc:  # mlflow raises many types (MlflowException, OSError, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise AnalysisError(f"{uri}: cannot download the model ({first})") from exc
-        finally:
-            mlflow.set_tracking_uri(previous[0])
-            mlflow.set_registry_uri(previous[1])
         local_path = Path(local)
         return local_path if local_path.is_file() else _single_onnx(local_path, uri)
     path = Path(uri)
@@ -537,6 +539,8 @@ class ModelEvaluation:
     discrepancy: dict[str, float]
     contract_check: dict[str, float]
     latent: LatentTransition | None
+    latent_spatial: bool
+    reconstruction_helicity: dict[str, HelicityCurve]  # Υ of decoded configurations: "sampled", "mean_field"
     separation: dict[str, Any]
     sigma2_fit: dict[str, Any] | None
     example: dict[str, np.ndarray]  # one configuration for the maps figure
@@ -608,7 +612,8 @@ def evaluate_model(
     temps, groups = group_by_temperature(temperature)
     latent = None
     if len(temps) >= 3:
-        latent = latent_transition(out["latent_mean"], temperature, model.size, n_boot=n_boot, seed=seed)
+        pooled = latent_magnetization(out["latent_mean"], model.metadata, model.size)
+        latent = latent_transition(pooled, temperature, model.size, n_boot=n_boot, seed=seed)
     per_sample = {
         "temperature": np.asarray(temperature, dtype=np.float64),
         "energy_input": e_in,
@@ -647,7 +652,7 @@ def evaluate_model(
                     per_sample["vortex_density_sampled_reconstruction"][g].mean()
                 ),
                 "vortex_density_theta": float(per_sample["vortex_density_theta"][g].mean()),
-                "latent_pc1_mean": float(latent.pc1_mean[k]) if latent is not None else math.nan,
+                "latent_order_parameter": float(latent.order_parameter[k]) if latent is not None else math.nan,
                 "latent_mean_norm": float(np.linalg.norm(mu, axis=1).mean()),
                 "latent_mean_variance": float(mu.var(axis=0, ddof=1).sum()) if len(g) > 1 else math.nan,
                 "latent_posterior_variance": float(np.exp(out["latent_logvar"][g]).mean()),
@@ -722,8 +727,27 @@ def evaluate_model(
             np.array([r["temperature"] for r in cold]), np.array([r["decoder_sigma2"] for r in cold])
         )
         sigma2_fit["temperature_max"] = sigma_fit_tmax
+    # The stiffness of what the decoder generates at the latent means: samples θ + σε and the mean field θ.
+    recon_helicity = {}
+    if len(temps) >= 2:
+        recon_helicity = {
+            "sampled": helicity_crossing(sampled, temperature, n_boot=n_boot, seed=seed),
+            "mean_field": helicity_crossing(theta, temperature, n_boot=n_boot, seed=seed),
+        }
+    spatial = latent_field(out["latent_mean"], model.metadata, model.size) is not None
     return ModelEvaluation(
-        model, temps, table, per_sample, discrepancy, contract_check, latent, separation, sigma2_fit, example
+        model,
+        temps,
+        table,
+        per_sample,
+        discrepancy,
+        contract_check,
+        latent,
+        spatial,
+        recon_helicity,
+        separation,
+        sigma2_fit,
+        example,
     )
 
 
@@ -940,30 +964,29 @@ def build_summary(
             "onnx_vs_physics": ev.contract_check,
             "vortex_separation": ev.separation,
             "decoder_sigma2_vs_temperature_fit": ev.sigma2_fit,
+            "helicity_crossing_of_reconstructions": {
+                k: {**h.crossing.as_dict(), "upsilon": h.upsilon.tolist(), "upsilon_error": h.upsilon_error.tolist()}
+                for k, h in ev.reconstruction_helicity.items()
+            },
         }
         if ev.latent is not None:
             lt = ev.latent
             lat = {
                 "estimate": lt.estimate.as_dict(),
-                "susceptibility_peak_estimate": lt.susceptibility_peak.as_dict(),
+                "steepest_descent_estimate": lt.steepest.as_dict(),
+                "latent_is_spatial": ev.latent_spatial,
                 "temperatures": lt.temperatures.tolist(),
-                "pc1_mean": lt.pc1_mean.tolist(),
-                "pc1_std": lt.pc1_std.tolist(),
-                "pc1_explained_variance": lt.pc1_explained,
+                "order_parameter": lt.order_parameter.tolist(),
+                "order_parameter_std": lt.order_parameter_std.tolist(),
                 "susceptibility": lt.susceptibility.tolist(),
                 "susceptibility_error": lt.susceptibility_error.tolist(),
-                "change_rate_temperatures": lt.rate_temperatures.tolist(),
-                "change_rate": lt.change_rate.tolist(),
-                "change_rate_error": lt.change_rate_error.tolist(),
             }
             h = helicity.get(m.size)
             if h is not None and math.isfinite(h.crossing.value):
                 tc = h.crossing.value
                 lat["helicity_crossing_same_L"] = tc
                 lat["relative_difference_to_helicity_crossing"] = (lt.estimate.value - tc) / tc
-                lat["susceptibility_peak_relative_difference_to_helicity_crossing"] = (
-                    lt.susceptibility_peak.value - tc
-                ) / tc
+                lat["steepest_descent_relative_difference_to_helicity_crossing"] = (lt.steepest.value - tc) / tc
             entry["latent_transition"] = lat
             summary["transition_temperature"]["latent"][m.name] = {"lattice_size": m.size, **lt.estimate.as_dict()}
         summary["models"][m.name] = entry
@@ -992,6 +1015,9 @@ def acceptance(summary: dict[str, Any]) -> dict[str, Any]:
                     "relative_difference": rd,
                     "relative_error_of_latent_estimate": (lat["estimate"]["error"] or math.nan)
                     / lat["helicity_crossing_same_L"],
+                    "decoded_samples_helicity_crossing": (
+                        e["helicity_crossing_of_reconstructions"].get("sampled", {}).get("value")
+                    ),
                     "passed": bool(abs(rd) <= 0.05),
                 }
             )
