@@ -284,7 +284,8 @@ def latent_transition(
             peak_err,
             "peak of the latent susceptibility χ_z(T) = N·Var(|M − ⟨M⟩| at T), M the latent mean (cell-averaged "
             "for a spatial latent); bootstrap over samples",
-            {"bootstrap_resamples": n_boot},
+            # a maximum at the end of the temperature grid is no peak: flag it instead of trusting it
+            {"bootstrap_resamples": n_boot, "peak_inside_grid": bool(0 < int(np.nanargmax(chi0)) < len(temps) - 1)},
         ),
         steepest=Estimate(
             _steepest_descent(temps, m0),
@@ -1015,6 +1016,7 @@ def acceptance(summary: dict[str, Any]) -> dict[str, Any]:
                     "relative_difference": rd,
                     "relative_error_of_latent_estimate": (lat["estimate"]["error"] or math.nan)
                     / lat["helicity_crossing_same_L"],
+                    "latent_peak_inside_temperature_grid": lat["estimate"]["details"].get("peak_inside_grid"),
                     "decoded_samples_helicity_crossing": (
                         e["helicity_crossing_of_reconstructions"].get("sampled", {}).get("value")
                     ),

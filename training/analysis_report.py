@@ -261,6 +261,10 @@ def _f(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"±{100 * v:.1f}%"
+
+
 def _pm(d: dict[str, Any]) -> str:
     return f"{_f(d['value'])} ± {_f(d['error'], 2)}"
 
@@ -303,8 +307,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"- latent transition, {row['model']}: {_f(row['latent_estimate'])} vs Υ crossing "
             f"{_f(row['helicity_crossing'])} at L={row['lattice_size']}: "
-            f"{100 * row['relative_difference']:+.1f}% (estimate's own error ±"
-            f"{100 * (row['relative_error_of_latent_estimate'] or float('nan')):.1f}%) → "
+            f"{100 * row['relative_difference']:+.1f}% (estimate's own error "
+            f"{_pct(row['relative_error_of_latent_estimate'])}"
+            f"{'' if row.get('latent_peak_inside_temperature_grid', True) else ', maximum at the grid edge'}) → "
             f"{'PASS' if row['passed'] else 'FAIL'} (≤ 5%); decoded samples' Υ crossing "
             f"{_f(row.get('decoded_samples_helicity_crossing'))}"
         )
