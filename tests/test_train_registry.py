@@ -137,5 +137,5 @@ def test_cli_bad_hyper_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[
     data = save_dataset(tmp_path / "d.npz", ds.angles, ds.temperature, ds.metadata)
     rc = main(["train", "--data", str(data), "--epochs", "0", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     assert rc == 2 and "epochs" in capsys.readouterr().err
-    rc = main(["train", "--data", str(data), "--latent-dim", "7", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    rc = main(["train", "--data", str(data), "--latent-dim", "0", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     assert rc == 2 and "latent" in capsys.readouterr().err

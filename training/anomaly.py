@@ -14,6 +14,9 @@ Per-site statistics (each has a known mean on normal data at a given energy):
 - |v|: vortex map (defects create vortex pairs at low T).
 - ρ: cos(θ − θ̂) − exp(−σ²/2), the model's residual: zero in expectation when the input looks like
   the training data (θ̂, σ are the HG-VAE reconstruction).
+- frozen: bonds whose two ends agree to ~1e-3 rad. Thermal neighbours essentially never do, stuck
+  sensors always do, whatever the temperature (the local energy misses a stuck patch whose angle
+  happens to match its surroundings).
 Each is averaged over several periodic windows (3×3, (L/4)², a row strip, a column strip, the whole
 lattice), z-scored with means and spreads interpolated in energy from normal validation data, and
 the per-site map is the largest |z| over statistics and windows. The configuration's score is the max
@@ -38,7 +41,11 @@ from training import physics
 from training.defects import EXTRA_KINDS, NAMED_KINDS, auroc, inject  # noqa: F401 (re-exported)
 
 TWO_PI = 2.0 * math.pi
-FEATURES = ("energy", "diag", "jx", "jy", "vortex", "resid")
+FEATURES = ("energy", "diag", "jx", "jy", "vortex", "resid", "frozen")
+FROZEN_EPS = 1e-3  # rad: thermal bonds almost never agree this closely; stuck sensors agree exactly
+# Measured on Monte Carlo data: local vortex counts, currents and diagonals only added heavy-tailed
+# noise to the maximum; the local energy carries the patch defects, the global statistics the rest.
+LOCAL_FEATURES = ("energy", "resid", "frozen")
 GLOBAL_FEATURES = ("diag", "jx", "jy", "vortex", "resid")  # the global mean of "energy" is e itself
 
 
@@ -46,7 +53,7 @@ def windows(lattice_size: int) -> list[tuple[int, int]]:
     """(height, width) of the local averaging windows."""
     q = max(4, lattice_size // 4)
     h = lattice_size // 2
-    return [(3, 3), (q, q), (1, h), (h, 1)]
+    return [(2, 2), (q, q), (h, h), (1, h), (h, 1)]
 
 
 def site_features(theta: torch.Tensor, theta_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -58,7 +65,12 @@ def site_features(theta: torch.Tensor, theta_hat: torch.Tensor, sigma: torch.Ten
     diag = torch.cos(up_right) + torch.cos(down_right)
     vort = physics.vortex_map(theta).abs()
     resid = torch.cos(theta - theta_hat) - torch.exp(-0.5 * sigma.square())
-    return torch.stack([ene, diag, torch.sin(dx), torch.sin(dy), vort, resid], dim=1)
+    # An indicator, not a smooth bump: near |Δ| ≈ ε a smooth bump turns float32 rounding of the angles
+    # into visible score differences between torch and onnxruntime.
+    fx = (torch.sin(0.5 * dx).abs() < 0.5 * FROZEN_EPS).to(theta.dtype)
+    fy = (torch.sin(0.5 * dy).abs() < 0.5 * FROZEN_EPS).to(theta.dtype)
+    frozen = fx + fy
+    return torch.stack([ene, diag, torch.sin(dx), torch.sin(dy), vort, resid, frozen], dim=1)
 
 
 def _box(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -71,9 +83,11 @@ def _box(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def window_stats(feats: torch.Tensor, lattice_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local statistics [B, W·F, L, L] (window mean minus the lattice mean) and global ones [B, G]."""
+    """Local statistics [B, W·F_local, L, L] (window mean minus the lattice mean) and global ones [B, G]."""
     mean = feats.mean(dim=(-2, -1), keepdim=True)
-    local = torch.cat([_box(feats, h, w) - mean for h, w in windows(lattice_size)], dim=1)
+    li = [FEATURES.index(f) for f in LOCAL_FEATURES]
+    lf, lm = feats[:, li], mean[:, li]
+    local = torch.cat([_box(lf, h, w) - lm for h, w in windows(lattice_size)], dim=1)
     idx = [FEATURES.index(f) for f in GLOBAL_FEATURES]
     glob = mean[:, idx, 0, 0]
     return local, glob
@@ -99,6 +113,8 @@ class Calibration:
     local_std: np.ndarray
     glob_mean: np.ndarray  # [G, Gf]
     glob_std: np.ndarray
+    group_mean: np.ndarray  # [G, K]: each statistic's lattice maximum of |z| (K = local + global)
+    group_std: np.ndarray
     max_mean: np.ndarray  # [G]
     max_std: np.ndarray
     quantiles: dict[str, float]  # normal-data quantiles of anomaly_score
@@ -119,7 +135,7 @@ class Calibration:
     @classmethod
     def from_json(cls, text: str) -> Calibration:
         d = json.loads(text)
-        arrays = ("local_mean", "local_std", "glob_mean", "glob_std", "max_mean", "max_std")
+        arrays = ("local_mean", "local_std", "glob_mean", "glob_std", "group_mean", "group_std", "max_mean", "max_std")
         kw = {k: (np.asarray(d[k], dtype=np.float32) if k in arrays else d[k]) for k in cls.__dataclass_fields__}
         return cls(**kw)
 
@@ -133,19 +149,53 @@ class AnomalyHead(nn.Module):
         self.calibration_json = cal.to_json()
         self.grid_lo, self.grid_step = float(cal.grid_lo), float(cal.grid_step)
         self.n_grid = int(cal.local_mean.shape[0])
-        for name in ("local_mean", "local_std", "glob_mean", "glob_std", "max_mean", "max_std"):
+        self.n_local = int(cal.local_mean.shape[1])
+        for name in (
+            "local_mean",
+            "local_std",
+            "glob_mean",
+            "glob_std",
+            "group_mean",
+            "group_std",
+            "max_mean",
+            "max_std",
+        ):
             self.register_buffer(name, torch.as_tensor(np.asarray(getattr(cal, name), dtype=np.float32)))
 
-    def site_map(
+    def group_stats(
         self, theta: torch.Tensor, theta_hat: torch.Tensor, sigma: torch.Tensor, energy: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-site map [B, L, L], raw score [B]) before the final z-scoring."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(|z| maps of the local statistics [B, K_l, L, L], |z| of the global ones [B, K_g], weights [B, G])."""
         local, glob = window_stats(site_features(theta, theta_hat, sigma), self.lattice_size)
         w = hat_weights(energy, self.grid_lo, self.grid_step, self.n_grid)  # [B, G]
         lz = (local - (w @ self.local_mean)[:, :, None, None]) / (w @ self.local_std)[:, :, None, None]
         gz = (glob - w @ self.glob_mean) / (w @ self.glob_std)
-        site = torch.maximum(lz.abs().amax(dim=1), gz.abs().amax(dim=1)[:, None, None])
+        return lz.abs(), gz.abs(), w
+
+    def site_map(
+        self, theta: torch.Tensor, theta_hat: torch.Tensor, sigma: torch.Tensor, energy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-site map [B, L, L], raw score [B]) before the final z-scoring.
+
+        Each statistic's |z| is standardised by the normal spread of its lattice maximum, so a window
+        that is noisy by nature (many sites, heavy tails) does not drown the others in the maximum.
+        """
+        lz, gz, w = self.group_stats(theta, theta_hat, sigma, energy)
+        gm, gs = w @ self.group_mean, w @ self.group_std  # [B, K]
+        nl = self.n_local
+        local_site = ((lz - gm[:, :nl, None, None]) / gs[:, :nl, None, None]).amax(dim=1)
+        glob_s = ((gz - gm[:, nl:]) / gs[:, nl:]).amax(dim=1)
+        site = torch.maximum(local_site, glob_s[:, None, None])  # global evidence floors the whole map
         return site, site.amax(dim=(-2, -1))
+
+    def local_map(
+        self, theta: torch.Tensor, theta_hat: torch.Tensor, sigma: torch.Tensor, energy: torch.Tensor
+    ) -> torch.Tensor:
+        """The local part of the map alone (where in the lattice the evidence sits)."""
+        lz, _, w = self.group_stats(theta, theta_hat, sigma, energy)
+        gm, gs = w @ self.group_mean, w @ self.group_std
+        nl = self.n_local
+        return ((lz - gm[:, :nl, None, None]) / gs[:, :nl, None, None]).amax(dim=1)
 
     def forward(
         self, theta: torch.Tensor, theta_hat: torch.Tensor, sigma: torch.Tensor, energy: torch.Tensor
@@ -158,20 +208,27 @@ class AnomalyHead(nn.Module):
 
 
 def _kernel_moments(e: np.ndarray, x: np.ndarray, grid: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-kernel weighted mean/std of x [N, ...] at each grid energy; x's trailing axes are pooled."""
-    x = x.reshape(len(e), -1, *x.shape[2:]) if x.ndim > 2 else x.reshape(len(e), 1, -1)
-    means, stds = [], []
-    for g in grid:
-        wt = np.exp(-0.5 * ((e - g) / width) ** 2)
-        wt = wt / wt.sum()
-        m = np.einsum("n,nk...->k...", wt, x)
-        m = m.mean(axis=tuple(range(1, m.ndim))) if m.ndim > 1 else m
-        m_b = m.reshape((1, -1) + (1,) * (x.ndim - 2))
-        v = np.einsum("n,nk...->k...", wt, (x - m_b) ** 2)
-        v = v.mean(axis=tuple(range(1, v.ndim))) if v.ndim > 1 else v
-        means.append(m)
-        stds.append(np.sqrt(v))
-    return np.stack(means), np.stack(stds)
+    """Mean and conditional spread of x [N, K, ...] as functions of the energy, on `grid`.
+
+    Means are Gaussian-kernel averages; the spread is the kernel RMS of each sample's residual from
+    the mean interpolated at its *own* energy, so the slope of the mean across the kernel does not
+    inflate it. Trailing axes beyond K (sites) are pooled.
+    """
+    x = x.reshape(len(e), x.shape[1], -1)  # [N, K, S]
+    # Adaptive bandwidth: at least the grid step, and wide enough to hold ~min_n samples, so sparse
+    # energies (or a tiny calibration set) do not get spreads fitted to two or three configurations.
+    min_n = min(24, len(e))
+    dist = np.sort(np.abs(e[None, :] - grid[:, None]), axis=1)[:, min_n - 1]  # [G]
+    bw = np.maximum(width, dist)[:, None]
+    wts = np.exp(-0.5 * ((e[None, :] - grid[:, None]) / bw) ** 2)  # [G, N]
+    wts /= wts.sum(axis=1, keepdims=True)
+    xm = x.mean(axis=2)  # [N, K]
+    means = wts @ xm  # [G, K]
+    lo, step = float(grid[0]), float(grid[1] - grid[0]) if len(grid) > 1 else 1.0
+    hw = hat_weights(torch.as_tensor(e, dtype=torch.float64), lo, step, len(grid)).numpy()  # [N, G]
+    own = hw @ means  # [N, K]: the mean at each sample's energy
+    sq = ((x - own[:, :, None]) ** 2).mean(axis=2)  # [N, K]
+    return means, np.sqrt(wts @ sq)
 
 
 @torch.no_grad()
@@ -212,24 +269,37 @@ def calibrate(
     grid = lo + step * np.arange(n_grid)
     width = max(step, 1e-3)
     lm, ls = _kernel_moments(e, local, grid, width)
-    gm, gs = _kernel_moments(e, glob[:, :, None], grid, width)
-    # Features that (almost) never move at some energies, e.g. vortices at low T: floor each spread at
-    # a tenth of its largest value over the grid so that one rare event reads as z ≈ 10, not 10⁴.
-    ls = np.maximum(ls, 0.1 * ls.max(axis=0, keepdims=True))
-    gs = np.maximum(gs, 0.1 * gs.max(axis=0, keepdims=True))
-    floor = 1e-4
+    gm, gs = _kernel_moments(e, glob, grid, width)
+    # Spreads get absolute floors on each statistic's natural scale: a feature that never moves on
+    # the normal data (no frozen bonds, no vortices at low T) must not turn one event into z ≈ 10⁶.
+    n_sites = lattice_size * lattice_size
+    loc_floor = {"energy": 2e-3, "resid": 2e-3, "frozen": 0.05}
+    glob_floor = {"diag": 2e-3, "jx": 2e-3, "jy": 2e-3, "vortex": 1.0 / n_sites, "resid": 2e-3}
+    lfl = np.array([loc_floor[f] for _ in windows(lattice_size) for f in LOCAL_FEATURES])
+    gfl = np.array([glob_floor[f] for f in GLOBAL_FEATURES])
+    ls, gs = np.maximum(ls, lfl[None, :]), np.maximum(gs, gfl[None, :])
     cal = Calibration(
         grid_lo=lo, grid_step=step,
-        local_mean=lm.astype(np.float32), local_std=np.maximum(ls, floor).astype(np.float32),
-        glob_mean=gm.astype(np.float32), glob_std=np.maximum(gs, floor).astype(np.float32),
+        local_mean=lm.astype(np.float32), local_std=ls.astype(np.float32),
+        glob_mean=gm.astype(np.float32), glob_std=gs.astype(np.float32),
+        group_mean=np.zeros((n_grid, lm.shape[1] + gm.shape[1]), np.float32),
+        group_std=np.ones((n_grid, lm.shape[1] + gm.shape[1]), np.float32),
         max_mean=np.zeros(n_grid, np.float32), max_std=np.ones(n_grid, np.float32),
         quantiles={}, n_normal=int(len(angles)), lattice_size=lattice_size,
     )  # fmt: skip
     head = AnomalyHead(cal)
+    groups = []
+    for th, th_hat, sig in kept:
+        lz, gz, _ = head.group_stats(th, th_hat, sig, physics.energy_per_site(th))
+        groups.append(torch.cat([lz.amax(dim=(-2, -1)), gz], dim=1).numpy())
+    grm, grs = _kernel_moments(e, np.concatenate(groups), grid, width)
+    cal.group_mean = grm.astype(np.float32)
+    cal.group_std = np.maximum(grs, 0.05).astype(np.float32)
+    head = AnomalyHead(cal)
     raws = np.concatenate(
         [head.site_map(th, th_hat, sig, physics.energy_per_site(th))[1].numpy() for th, th_hat, sig in kept]
     )
-    mm, ms = _kernel_moments(e, raws[:, None, None], grid, width)
+    mm, ms = _kernel_moments(e, raws[:, None], grid, width)
     cal.max_mean = mm[:, 0].astype(np.float32)
     # The raw score is already in z units; a spread below 0.1 only happens with a handful of normal
     # samples and would turn float32 rounding into visible score differences.

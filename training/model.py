@@ -23,8 +23,8 @@ KINDS = ("hgvae", "vae")
 @dataclass(frozen=True)
 class ModelConfig:
     lattice_size: int = 16
-    latent_dim: int = 32
-    width: int = 32
+    latent_dim: int = 64
+    width: int = 24
     sigma_min: float = 0.02  # floor against σ collapse (NLL → −∞ on a perfect fit)
     # Cap below "flat": near a uniform density the likelihood has no gradient in θ̂ and the latent
     # collapses (seen with σ_max = 2.5). exp(−σ_max²) ≈ 0.08 still covers e ≈ −0.16 (T ≫ 2).
@@ -32,7 +32,7 @@ class ModelConfig:
     kind: str = "hgvae"
     # "spatial": the latent is a c×(L/2)² grid (latent_dim = c·(L/2)²), so the decoder can place
     # local structure such as vortices; "global": one vector through dense layers.
-    latent: str = "spatial"
+    latent: str = "global"
 
     @property
     def latent_channels(self) -> int:
@@ -228,8 +228,9 @@ def vae_loss(
     lam: float,
     generator: torch.Generator | None = None,
     detach_theta: bool = True,
+    relative: bool = True,
 ) -> LossTerms:
-    """Per-site NLL + β·KL/N + λ·(e_recon − e_input)², all averaged over the batch.
+    """Per-site NLL + β·KL/N + λ·((e_recon − e_input)/|e_input|)², all averaged over the batch.
 
     KL is divided by the number of sites so that β and λ mean the same thing at every L.
     """
@@ -241,7 +242,10 @@ def vae_loss(
     # physics shapes how much disorder the reconstruction carries. Letting it move θ̂ too makes the
     # decoder buy energy with rough means and small σ, which costs likelihood and vortex statistics.
     th_e = theta_hat.detach() if detach_theta else theta_hat
-    de = physics.expected_energy_per_site(th_e, sigma) - physics.energy_per_site(theta)
-    e_term = de.square().mean()
+    e_in = physics.energy_per_site(theta)
+    de = physics.expected_energy_per_site(th_e, sigma) - e_in
+    # Relative by default: the acceptance is |Δe|/|e| at every T, and |e| falls from 2 to ~0.5 with T,
+    # so an absolute square would neglect the hot configurations.
+    e_term = (de / e_in.abs().clamp_min(0.1)).square().mean() if relative else de.square().mean()
     total = nll + beta * kl / n_sites + lam * e_term
     return LossTerms(total, nll, kl, e_term, de.abs().mean())

@@ -19,17 +19,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     p.add_argument(
         "--latent-dim", type=int, default=None,
-        help="latent size (default 2·(L/2)²: a 2-channel latent grid at half resolution)",
+        help="latent size (default 64)",
     )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=128, help="minibatch size (default 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for split, init and sampling (default 0)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3)")
-    p.add_argument("--lam", type=float, default=None, help="energy-term weight λ for the HG-VAE (default 200)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
+    p.add_argument("--lam", type=float, default=None, help="energy-term weight λ (default 1000; the term is relative)")
     p.add_argument("--beta", type=float, default=None, help="KL weight β (default 0.5)")
-    p.add_argument("--width", type=int, default=None, help="convolution channels (default 32)")
+    p.add_argument("--width", type=int, default=None, help="convolution channels (default 24)")
     p.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or embedded sqlite)"
     )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1; 0 = torch's default)")
     p.add_argument("--name", default="hgvae", help="registered model name (default hgvae)")
     p.add_argument("--out", default=None, help="also keep the exported files (ONNX, plots) in this directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from training.dataset import DatasetError
     from training.train import TrainingDiverged, train_model
 
-    hyper = {k: getattr(args, k) for k in ("lr", "lam", "beta", "width") if getattr(args, k) is not None}
+    hyper = {k: getattr(args, k) for k in ("lr", "lam", "beta", "width", "threads") if getattr(args, k) is not None}
     try:
         res = train_model(
             args.data,
