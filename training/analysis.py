@@ -875,7 +875,10 @@ def analyze(
         pts = {
             e.model.size: e.latent.estimate
             for e in evaluations
-            if e.model.kind == kind and e.latent is not None and math.isfinite(e.latent.estimate.value)
+            if e.model.kind == kind
+            and e.latent is not None
+            and math.isfinite(e.latent.estimate.value)
+            and e.latent.estimate.details.get("peak_inside_grid", True)  # an edge maximum is no estimate
         }
         if len(pts) >= 2:
             finite_size[f"latent_{kind}"] = finite_size_fit(
