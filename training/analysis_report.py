@@ -266,6 +266,8 @@ def _pct(v: float | None) -> str:
 
 
 def _pm(d: dict[str, Any]) -> str:
+    if d.get("value") is None:
+        return "none in range"
     return f"{_f(d['value'])} ± {_f(d['error'], 2)}"
 
 
