@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or embedded sqlite)"
     )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1; 0 = torch's default)")
     p.add_argument("--name", default="hgvae", help="registered model name (default hgvae)")
     p.add_argument("--out", default=None, help="also keep the exported files (ONNX, plots) in this directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from training.dataset import DatasetError
     from training.train import TrainingDiverged, train_model
 
-    hyper = {k: getattr(args, k) for k in ("lr", "lam", "beta", "width") if getattr(args, k) is not None}
+    hyper = {k: getattr(args, k) for k in ("lr", "lam", "beta", "width", "threads") if getattr(args, k) is not None}
     try:
         res = train_model(
             args.data,
