@@ -21,9 +21,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hgvae.contract import OUTPUT_NAMES
 from service.gen.hgvae.v1 import scoring_pb2 as pb
 from service.gen.hgvae.v1 import scoring_pb2_grpc as pb_grpc
-from service.runtime import OUTPUT_NAMES
 
 __all__ = ["AsyncScoringClient", "ScoreResult", "ScoringClient", "ScoringError", "OUTPUT_NAMES"]
 

@@ -17,25 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from hgvae.contract import INPUT_NAME
 from service.errors import InvalidInput, ModelLoadError
 
 log = logging.getLogger("hgvae.service.runtime")
 
-INPUT_NAME = "lattice"
-# The ONNX contract (shared/design.md): every hgvae model has exactly these outputs.
-OUTPUT_NAMES = (
-    "latent_mean",
-    "latent_logvar",
-    "theta",
-    "sigma",
-    "energy",
-    "energy_recon",
-    "energy_discrepancy",
-    "nll",
-    "vortex_density",
-    "anomaly_score",
-    "anomaly_map",
-)
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
 
 

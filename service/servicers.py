@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from hgvae.contract import INPUT_NAME
 from service.dataplane import DataPlane, decode_lattices
 from service.errors import InvalidInput, ModelNotFound, ServiceError
 from service.gen import grpc_predict_v2_pb2 as v2
@@ -25,7 +26,6 @@ from service.gen.hgvae.v1 import scoring_pb2 as pb
 from service.gen.hgvae.v1 import scoring_pb2_grpc as pb_grpc
 from service.metrics import Metrics
 from service.models import ServedModel
-from service.runtime import INPUT_NAME
 
 log = logging.getLogger("hgvae.service.rpc")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from hgvae.contract import OUTPUT_NAMES
 from training import physics
 
 
@@ -59,19 +60,8 @@ class StandIn(torch.nn.Module):
         )
 
 
-OUTPUTS = [
-    "latent_mean",
-    "latent_logvar",
-    "theta",
-    "sigma",
-    "energy",
-    "energy_recon",
-    "energy_discrepancy",
-    "nll",
-    "vortex_density",
-    "anomaly_score",
-    "anomaly_map",
-]
+
+OUTPUTS = list(OUTPUT_NAMES)
 
 
 def export_standin(path: str | Path, size: int, kind: str = "hgvae", run_id: str = "", smooth: int = 1) -> Path:

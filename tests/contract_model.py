@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-CONTRACT_OUTPUTS = ["latent_mean", "latent_logvar", "theta", "sigma", "energy", "energy_recon",
-                    "energy_discrepancy", "nll", "vortex_density", "anomaly_score", "anomaly_map"]
+from hgvae.contract import OUTPUT_NAMES
+
+CONTRACT_OUTPUTS = list(OUTPUT_NAMES)
 
 
 def contract_onnx(path: Path, size: int, latent: int = 4) -> Path:

@@ -8,21 +8,8 @@ import numpy as np
 import pytest
 
 from hgvae.cli import main
+from hgvae.contract import OUTPUT_NAMES as OUTPUTS
 from tests._service_fixtures import ServerThread, lattices, real_store, reference
-
-OUTPUTS = (
-    "latent_mean",
-    "latent_logvar",
-    "theta",
-    "sigma",
-    "energy",
-    "energy_recon",
-    "energy_discrepancy",
-    "nll",
-    "vortex_density",
-    "anomaly_score",
-    "anomaly_map",
-)
 
 
 @pytest.fixture(scope="module")

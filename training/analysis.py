@@ -34,20 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from hgvae.contract import OUTPUT_NAMES as CONTRACT_OUTPUTS
+
 T_KT = 0.8929
-CONTRACT_OUTPUTS = (
-    "latent_mean",
-    "latent_logvar",
-    "theta",
-    "sigma",
-    "energy",
-    "energy_recon",
-    "energy_discrepancy",
-    "nll",
-    "vortex_density",
-    "anomaly_score",
-    "anomaly_map",
-)
 
 
 class AnalysisError(ValueError):

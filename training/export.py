@@ -20,25 +20,13 @@ import torch
 from torch import nn
 
 import hgvae
+from hgvae.contract import INPUT_NAME, OUTPUT_NAMES
 from training import physics
 from training.anomaly import AnomalyHead, Calibration
 from training.model import XYVAE, wrapped_normal_nll
 
 TWO_PI = 2.0 * math.pi
-INPUT_NAME = "lattice"
-OUTPUT_NAMES = (
-    "latent_mean",
-    "latent_logvar",
-    "theta",
-    "sigma",
-    "energy",
-    "energy_recon",
-    "energy_discrepancy",
-    "nll",
-    "vortex_density",
-    "anomaly_score",
-    "anomaly_map",
-)
+
 OPSET = 18
 ANGLE_OUTPUTS = ("theta",)  # compare these on the circle (a value at the 2π cut may come back as 0)
 
