@@ -97,16 +97,44 @@ class Decoder(nn.Module):
             nn.GELU(),
             nn.Upsample(scale_factor=2, mode="nearest"), _conv(2 * w, w), nn.GELU(),  # L/2
             nn.Upsample(scale_factor=2, mode="nearest"), _conv(w, w), nn.GELU(),  # L
-            _conv(w, 3),
         )  # fmt: skip
+        self.heads = Heads(cfg, w)
+
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.fc(z).reshape(z.shape[0], -1, self.q, self.q))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.fc(z).reshape(z.shape[0], -1, self.q, self.q)
-        out = self.body(h)
-        theta = torch.remainder(torch.atan2(out[:, 1], out[:, 0]), TWO_PI)
+        return self.heads(self.trunk(z))
+
+
+class Heads(nn.Module):
+    """Per-site outputs from the decoder trunk's features: θ̂ = atan2(b, a) and σ ∈ [σ_min, σ_max].
+
+    σ has its own small head so that the energy term can train it on detached trunk features
+    (`XYVAE.decode_split`): the physics then sets the spread without reshaping the features that
+    carry the mean angles (and the vortices in them).
+    """
+
+    def __init__(self, cfg: ModelConfig, w: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.theta = _conv(w, 2)
+        self.sigma = nn.Sequential(_conv(w, w), nn.GELU(), _conv(w, 1))
+        # Start with moderate spreads: a σ near σ_max flattens the likelihood in θ̂ (no gradient) and
+        # lets the latent collapse before the decoder has learned anything.
+        with torch.no_grad():
+            self.sigma[-1].bias.fill_(0.0)
+
+    def angle(self, h: torch.Tensor) -> torch.Tensor:
+        ab = self.theta(h)
+        return torch.remainder(torch.atan2(ab[:, 1], ab[:, 0]), TWO_PI)
+
+    def spread(self, h: torch.Tensor) -> torch.Tensor:
         span = self.cfg.sigma_max - self.cfg.sigma_min
-        sigma = self.cfg.sigma_min + span * torch.sigmoid(out[:, 2])
-        return theta, sigma
+        return self.cfg.sigma_min + span * torch.sigmoid(self.sigma(h)[:, 0])
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.angle(h), self.spread(h)
 
 
 def global_features(theta: torch.Tensor) -> torch.Tensor:
@@ -150,19 +178,14 @@ class SpatialDecoder(nn.Module):
             _conv(2 * w, 2 * w), nn.GELU(),
             nn.Upsample(scale_factor=2, mode="nearest"), _conv(2 * w, w), nn.GELU(),  # L
             _conv(w, w), nn.GELU(),
-            _conv(w, 3),
         )  # fmt: skip
-        # Start with moderate spreads: a σ near σ_max flattens the likelihood in θ̂ (no gradient) and
-        # lets the latent collapse before the decoder has learned anything.
-        with torch.no_grad():
-            self.body[-1].bias[2].fill_(0.0)
+        self.heads = Heads(cfg, w)
+
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(z.reshape(z.shape[0], self.c, self.h, self.h))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.body(z.reshape(z.shape[0], self.c, self.h, self.h))
-        theta = torch.remainder(torch.atan2(out[:, 1], out[:, 0]), TWO_PI)
-        span = self.cfg.sigma_max - self.cfg.sigma_min
-        sigma = self.cfg.sigma_min + span * torch.sigmoid(out[:, 2])
-        return theta, sigma
+        return self.heads(self.trunk(z))
 
 
 class XYVAE(nn.Module):
@@ -180,14 +203,21 @@ class XYVAE(nn.Module):
         cs = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
         return self.encoder(cs, global_features(theta))
 
-    def forward(
+    def latent(
         self, theta: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(μ_z, log σ_z², z) with z = μ_z, or a reparameterised draw when `sample`."""
         mu, logvar = self.encode(theta)
         z = mu
         if sample:
             eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
             z = mu + torch.exp(0.5 * logvar) * eps
+        return mu, logvar, z
+
+    def forward(
+        self, theta: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar, z = self.latent(theta, sample, generator)
         theta_hat, sigma = self.decoder(z)
         return mu, logvar, theta_hat, sigma
 
@@ -234,13 +264,17 @@ def vae_loss(
 
     KL is divided by the number of sites so that β and λ mean the same thing at every L.
     """
-    mu, logvar, theta_hat, sigma = model(theta, sample=True, generator=generator)
+    mu, logvar, z = model.latent(theta, sample=True, generator=generator)
+    h = model.decoder.trunk(z)
+    theta_hat, sigma = model.decoder.heads(h)
     n_sites = theta.shape[-1] * theta.shape[-2]
     nll = wrapped_normal_nll(theta, theta_hat, sigma).mean()
     kl = (0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=1)).mean()
     # The energy term acts on the spread only (θ̂ detached): the likelihood shapes the mean angles, the
     # physics shapes how much disorder the reconstruction carries. Letting it move θ̂ too makes the
     # decoder buy energy with rough means and small σ, which costs likelihood and vortex statistics.
+    # (Training σ from detached trunk features instead, so that the energy term cannot touch the shared
+    # features at all, collapsed the latent: the σ head alone could not find the temperature.)
     th_e = theta_hat.detach() if detach_theta else theta_hat
     e_in = physics.energy_per_site(theta)
     de = physics.expected_energy_per_site(th_e, sigma) - e_in

@@ -550,3 +550,110 @@ def _register(sink: Any, name: str, cfg: ModelConfig, cal: Any, metrics: dict[st
     }
     mv = client.create_model_version(name, source=f"{sink.artifact_uri}/model", run_id=sink.run_id, tags=tags)
     return str(mv.version)
+
+
+# ------------------------------------------------------------------------------ acceptance table
+
+
+@torch.no_grad()
+def model_outputs(model: XYVAE, angles: np.ndarray, batch: int = 512) -> dict[str, np.ndarray]:
+    """The contract outputs `quality_table` needs, straight from the torch model (z = μ, as in the graph)."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("latent_mean", "theta", "sigma", "energy", "energy_discrepancy")}
+    model.eval()
+    for i in range(0, len(angles), batch):
+        x = torch.from_numpy(np.ascontiguousarray(angles[i : i + batch], dtype=np.float32))
+        mu, _, th, sg = model(x)
+        e = physics.energy_per_site(x)
+        for k, v in zip(parts, (mu, th, sg, e, physics.expected_energy_per_site(th, sg) - e), strict=True):
+            parts[k].append(v.numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def quality_table(
+    outputs: dict[str, np.ndarray],
+    angles: np.ndarray,
+    temperature: np.ndarray,
+    seed: int = 0,
+    vortex_tmax: float = 1.0,
+) -> dict[str, Any]:
+    """The model acceptance numbers per temperature, from the ONNX contract outputs of a test set.
+
+    Definitions are those of `training.analysis.evaluate_model` (the `hgvae analyze` report):
+    * energy: |energy_discrepancy| / |energy| per configuration, averaged per T; the criteria are the
+      mean over T (≤ 1%) and the worst T (≤ 3%);
+    * sampled reconstruction: one draw θ + σ·ε per site at the latent mean (the `theta`/`sigma`
+      outputs), ε ~ N(0, 1) independent; its vortex density against the input's, per T;
+    * separation: vortices of the mean field θ against those of the energy-quenched input
+      (`training.quench`, default steps and tolerance), micro-averaged over T ≤ `vortex_tmax`.
+    """
+    from training import quench as qn
+
+    rng = np.random.default_rng(seed)
+    theta, sigma = outputs["theta"], outputs["sigma"]
+    sampled = np.mod(theta + sigma * rng.standard_normal(theta.shape), 2 * math.pi).astype(np.float32)
+    x = torch.from_numpy(np.asarray(angles, dtype=np.float32))
+    rel = np.abs(outputs["energy_discrepancy"]) / np.maximum(np.abs(outputs["energy"]), 1e-12)
+    v_in = physics.vortex_density(x).numpy()
+    v_s = physics.vortex_density(torch.from_numpy(sampled)).numpy()
+    v_th = physics.vortex_density(torch.from_numpy(theta)).numpy()
+    temps = np.asarray(temperature, dtype=np.float64)
+    low = temps <= vortex_tmax + 1e-6
+    vm_th = physics.vortex_map(torch.from_numpy(theta[low])).numpy()
+    vm_q = physics.vortex_map(qn.quench(x[low])).numpy()
+    rows = []
+    for t in np.unique(temps):
+        k = temps == t
+        row = {
+            "T": float(t),
+            "n": int(k.sum()),
+            "energy": float(outputs["energy"][k].mean()),
+            "rel_de": float(rel[k].mean()),
+            "vortex_in": float(v_in[k].mean()),
+            "vortex_sampled": float(v_s[k].mean()),
+            "vortex_theta": float(v_th[k].mean()),
+            "sigma": float(sigma[k].mean()),
+        }
+        row["vortex_ratio"] = row["vortex_sampled"] / row["vortex_in"] if row["vortex_in"] > 0 else math.nan
+        if t <= vortex_tmax + 1e-6:
+            s = qn.match_vortices(vm_th[k[low]], vm_q[k[low]])
+            row.update(recall=s.recall, precision=s.precision, n_ref=s.n_ref)
+        rows.append(row)
+    rel_t = np.array([r["rel_de"] for r in rows])
+    hot = [r for r in rows if r["T"] >= 0.9 - 1e-6 and r["vortex_in"] > 0]
+    gaps = [abs(r["vortex_ratio"] - 1) for r in hot]
+    total = qn.match_vortices(vm_th, vm_q)
+    return {
+        "rows": rows,
+        "rel_de_mean": float(rel_t.mean()),
+        "rel_de_max": float(rel_t.max()),
+        "rel_de_worst_T": rows[int(rel_t.argmax())]["T"],
+        "vortex_max_gap_T_ge_0.9": float(max(gaps)) if gaps else math.nan,
+        "recall_T_le_1": total.recall,
+        "precision_T_le_1": total.precision,
+        "n_ref_T_le_1": total.n_ref,
+    }
+
+
+def format_quality(q: dict[str, Any], title: str = "") -> str:
+    """The per-T table and the four headline checks as text."""
+    lines = [title] if title else []
+    lines.append(
+        f"{'T':>6} {'n':>4} {'e_in':>8} {'|Δe|/|e|':>9} {'v_in':>8} {'v_samp':>8} {'ratio':>6} {'v_θ':>8} "
+        f"{'σ':>6} {'recall':>7} {'prec':>6}"
+    )
+    for r in q["rows"]:
+        rec = f"{r['recall']:7.3f} {r['precision']:6.3f}" if "recall" in r else ""
+        lines.append(
+            f"{r['T']:6.3f} {r['n']:4d} {r['energy']:8.4f} {r['rel_de']:9.4%} {r['vortex_in']:8.5f} "
+            f"{r['vortex_sampled']:8.5f} {r['vortex_ratio']:6.3f} {r['vortex_theta']:8.5f} {r['sigma']:6.3f} {rec}"
+        )
+    lines.append(
+        f"(1) |Δe|/|e|: mean over T {q['rel_de_mean']:.4%} (≤ 1%), worst {q['rel_de_max']:.4%} at "
+        f"T={q['rel_de_worst_T']:.3f} (≤ 3%)"
+    )
+    lines.append(f"(2) vortex density sampled/input: worst |ratio − 1| over T ≥ 0.9 = {q['vortex_max_gap_T_ge_0.9']:.3f} (≤ 0.2)")
+    lines.append(
+        f"(3) θ vs quenched input, T ≤ 1.0: recall {q['recall_T_le_1']:.3f} (≥ 0.8), precision "
+        f"{q['precision_T_le_1']:.3f}, {q['n_ref_T_le_1']} reference vortices"
+    )
+    return "\n".join(lines)
