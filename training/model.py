@@ -242,6 +242,37 @@ def sample_reconstruction(
     return torch.remainder(theta_hat + sigma * eps, TWO_PI)
 
 
+def sampled_vortex_surrogate(
+    theta_hat: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vortex density of a sampled reconstruction θ̂ + σ·ε and a surrogate for its gradient in σ.
+
+    The vortex count of a sample is piecewise constant in (θ̂, σ), so it has no pathwise gradient. The
+    score-function identity ∂E[V]/∂σ_i = E[V · ∂log p(ε_i)/∂σ_i] has one, and it is local: only the four
+    plaquettes around site i depend on ε_i, so each site is credited with those alone, against the same
+    count in another independent draw (leave-one-out baseline, two draws). A third draw gives the
+    returned density, so that a loss coefficient built from it is independent of the surrogate (the
+    same draws in both would also penalise the variance of the count, i.e. push towards fewer
+    vortices). Returns (V̂ [B], detached; S [B], whose gradient in σ estimates ∇_σ E[V] without bias).
+    θ̂ gets no gradient from it (like the energy term, it shapes the spread only).
+    """
+    th, sg = theta_hat.detach(), sigma
+    eps = torch.randn((3, *th.shape), generator=generator, dtype=th.dtype, device=th.device)
+    with torch.no_grad():
+        v = physics.vortex_map(th + sg.detach() * eps).abs()  # [3, B, L, L], plaquette (y, x) at corner (y, x)
+        density = v[2].mean(dim=(-2, -1))
+        v = v[:2]
+        touching = v + v.roll(1, -1) + v.roll(1, -2) + v.roll((1, 1), (-2, -1))  # the 4 plaquettes of each site
+        credit = touching - touching.flip(0)  # against the other draw
+    # log N(s | θ̂, σ) at the fixed sample s = θ̂ + σ₀ε, as a function of σ: −ε²σ₀²/(2σ²) − log σ
+    e2 = eps[:2]
+    s2 = (sg.detach() * e2).square()
+    logp = -0.5 * s2 / sg.square() - torch.log(sg)
+    n_plaq = th.shape[-1] * th.shape[-2]
+    surrogate = 0.5 * (credit * logp).sum(dim=(0, -2, -1)) / n_plaq
+    return density, surrogate
+
+
 @dataclass
 class LossTerms:
     total: torch.Tensor
@@ -249,6 +280,10 @@ class LossTerms:
     kl: torch.Tensor  # per configuration (sum over latent dims)
     energy: torch.Tensor  # mean (Δe)²
     abs_de: torch.Tensor  # mean |Δe| (monitoring)
+    vortex: torch.Tensor = torch.tensor(0.0)  # mean ((v_sampled − v_input)/VORTEX_SCALE)² (monitoring)
+
+
+VORTEX_SCALE = 0.02  # vortex density per plaquette at T ≈ 1 (L = 16-32): the term is ~1 when off by that
 
 
 def vae_loss(
@@ -259,10 +294,13 @@ def vae_loss(
     generator: torch.Generator | None = None,
     detach_theta: bool = True,
     relative: bool = True,
+    vortex_weight: float = 0.0,
 ) -> LossTerms:
-    """Per-site NLL + β·KL/N + λ·((e_recon − e_input)/|e_input|)², all averaged over the batch.
+    """Per-site NLL + β·KL/N + λ·((e_recon − e_input)/|e_input|)² + λ_v·((v̂ − v)/0.02)², batch means.
 
-    KL is divided by the number of sites so that β and λ mean the same thing at every L.
+    KL is divided by the number of sites so that β and λ mean the same thing at every L. v̂ is the
+    vortex density of sampled reconstructions (θ̂ + σ·ε), v the input's; its gradient reaches σ only,
+    through a score-function surrogate (`sampled_vortex_surrogate`).
     """
     mu, logvar, z = model.latent(theta, sample=True, generator=generator)
     h = model.decoder.trunk(z)
@@ -282,4 +320,11 @@ def vae_loss(
     # so an absolute square would neglect the hot configurations.
     e_term = (de / e_in.abs().clamp_min(0.1)).square().mean() if relative else de.square().mean()
     total = nll + beta * kl / n_sites + lam * e_term
-    return LossTerms(total, nll, kl, e_term, de.abs().mean())
+    v_term = torch.zeros(())
+    if vortex_weight > 0:
+        v_hat, surrogate = sampled_vortex_surrogate(theta_hat, sigma, generator)
+        gap = (v_hat - physics.vortex_density(theta)) / VORTEX_SCALE
+        v_term = gap.square().mean()
+        # d/dσ of mean(gap²) = mean(2·gap·∂v̂/∂σ / scale); the surrogate carries ∂v̂/∂σ.
+        total = total + vortex_weight * (2.0 * gap * surrogate / VORTEX_SCALE).mean()
+    return LossTerms(total, nll, kl, e_term, de.abs().mean(), v_term)

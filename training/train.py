@@ -49,6 +49,8 @@ class Hyper:
     # in θ̂ (with λ delayed the latent collapsed to σ = σ_max in 3 of 3 runs).
     lam_start: float = 0.0
     lam_ramp: float = 0.05
+    # weight of the sampled-vortex-density term (HG-VAE only; ramps in with λ); 0 turns it off
+    vortex_weight: float = 0.0
     val_fraction: float = 0.15
     grad_clip: float = 5.0
     sigma_min: float = 0.02
@@ -66,7 +68,7 @@ class Hyper:
             raise ValueError("latent dim must be ≥ 1")
         if not 0.0 < self.val_fraction < 0.9:
             raise ValueError("val_fraction must be in (0, 0.9)")
-        for k in ("lr", "beta", "lam", "grad_clip"):
+        for k in ("lr", "beta", "lam", "grad_clip", "vortex_weight"):
             v = getattr(self, k)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{k} must be finite and ≥ 0, got {v}")
@@ -160,6 +162,7 @@ def fit(
     opt = torch.optim.Adam(model.parameters(), lr=hp.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=0.2)
     lam = hp.lam if cfg.kind == "hgvae" else 0.0
+    vw = hp.vortex_weight if cfg.kind == "hgvae" else 0.0
     warm_steps = max(1, int(hp.warmup * total))
     history: list[dict[str, float]] = []
     step = 0
@@ -167,13 +170,15 @@ def fit(
     model.train()
     for epoch in range(hp.epochs):
         perm = torch.randperm(n, generator=gen)
-        sums = np.zeros(5)
+        sums = np.zeros(6)
         t0 = time.perf_counter()
         for k in range(steps_per_epoch):
             batch = x_all[perm[k * bs : (k + 1) * bs]]
             ramp = min(1.0, step / warm_steps)
             lam_ramp = min(1.0, max(0.0, (step / total - hp.lam_start) / max(hp.lam_ramp, 1e-9)))
-            terms = vae_loss(model, batch, hp.beta * ramp, lam * lam_ramp, generator=gen)
+            terms = vae_loss(
+                model, batch, hp.beta * ramp, lam * lam_ramp, generator=gen, vortex_weight=vw * lam_ramp
+            )
             if not torch.isfinite(terms.total):
                 raise TrainingDiverged(
                     f"loss is not finite at epoch {epoch + 1}, step {step} (nll={terms.nll.item():.4g}, "
@@ -186,12 +191,16 @@ def fit(
             opt.step()
             sched.step()
             step += 1
-            sums += [terms.total.item(), terms.nll.item(), terms.kl.item(), terms.energy.item(), terms.abs_de.item()]
+            sums += [
+                terms.total.item(), terms.nll.item(), terms.kl.item(), terms.energy.item(), terms.abs_de.item(),
+                float(terms.vortex),
+            ]  # fmt: skip
             bar.update(1)
             if k % 10 == 0:
                 bar.set_postfix(nll=f"{terms.nll.item():.3f}", de=f"{terms.abs_de.item():.4f}")
         dt = time.perf_counter() - t0
-        rec = dict(zip(("loss", "nll", "kl", "energy_term", "abs_de"), (sums / steps_per_epoch).tolist(), strict=True))
+        names = ("loss", "nll", "kl", "energy_term", "abs_de", "vortex_term")
+        rec = dict(zip(names, (sums / steps_per_epoch).tolist(), strict=True))
         rec["samples_per_s"] = steps_per_epoch * bs / dt
         rec["epoch_seconds"] = dt
         history.append(rec)
