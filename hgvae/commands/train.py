@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for split, init and sampling (default 0)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
-    p.add_argument("--lam", type=float, default=None, help="energy-term weight λ (default 1000; the term is relative)")
+    p.add_argument("--lam", type=float, default=None, help="energy-term weight λ (default 3000; the term is relative)")
     p.add_argument("--beta", type=float, default=None, help="KL weight β (default 0.1)")
     p.add_argument(
         "--vortex-weight", type=float, default=None,
