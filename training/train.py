@@ -195,9 +195,7 @@ def fit(
             batch = x_all[perm[k * bs : (k + 1) * bs]]
             ramp = min(1.0, step / warm_steps)
             lam_ramp = min(1.0, max(0.0, (step / total - hp.lam_start) / max(hp.lam_ramp, 1e-9)))
-            terms = vae_loss(
-                model, batch, hp.beta * ramp, lam * lam_ramp, generator=gen, vortex_weight=vw * lam_ramp
-            )
+            terms = vae_loss(model, batch, hp.beta * ramp, lam * lam_ramp, generator=gen, vortex_weight=vw * lam_ramp)
             if not torch.isfinite(terms.total):
                 raise TrainingDiverged(
                     f"loss is not finite at epoch {epoch + 1}, step {step} (nll={terms.nll.item():.4g}, "
@@ -594,7 +592,8 @@ def _register(sink: Any, name: str, cfg: ModelConfig, cal: Any, metrics: dict[st
 @torch.no_grad()
 def model_outputs(model: XYVAE, angles: np.ndarray, batch: int = 512) -> dict[str, np.ndarray]:
     """The contract outputs `quality_table` needs, straight from the torch model (z = μ, as in the graph)."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("latent_mean", "theta", "sigma", "energy", "energy_discrepancy")}
+    names = ("latent_mean", "theta", "sigma", "energy", "energy_discrepancy")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     model.eval()
     for i in range(0, len(angles), batch):
         x = torch.from_numpy(np.ascontiguousarray(angles[i : i + batch], dtype=np.float32))
@@ -687,7 +686,8 @@ def format_quality(q: dict[str, Any], title: str = "") -> str:
         f"(1) |Δe|/|e|: mean over T {q['rel_de_mean']:.4%} (≤ 1%), worst {q['rel_de_max']:.4%} at "
         f"T={q['rel_de_worst_T']:.3f} (≤ 3%)"
     )
-    lines.append(f"(2) vortex density sampled/input: worst |ratio − 1| over T ≥ 0.9 = {q['vortex_max_gap_T_ge_0.9']:.3f} (≤ 0.2)")
+    gap = q["vortex_max_gap_T_ge_0.9"]
+    lines.append(f"(2) vortex density sampled/input: worst |ratio − 1| over T ≥ 0.9 = {gap:.3f} (≤ 0.2)")
     lines.append(
         f"(3) θ vs quenched input, T ≤ 1.0: recall {q['recall_T_le_1']:.3f} (≥ 0.8), precision "
         f"{q['precision_T_le_1']:.3f}, {q['n_ref_T_le_1']} reference vortices"
