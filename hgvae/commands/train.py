@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta", type=float, default=None, help="KL weight β (default 0.1)")
     p.add_argument(
         "--vortex-weight", type=float, default=None,
-        help="weight of the sampled-vortex-density term (HG-VAE; default 1; 0 = off)",
+        help="weight of the sampled-vortex-density term (HG-VAE; default 2; 0 = off)",
     )  # fmt: skip
     p.add_argument("--width", type=int, default=None, help="convolution channels (default 24)")
     p.add_argument(
