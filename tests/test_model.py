@@ -213,3 +213,30 @@ def test_calibrated_score_is_a_z_score_on_normal_data_and_flags_a_dead_patch() -
     assert torch.all(map_bad >= head.local_map(bad, bad, torch.full_like(bad, 0.3), physics.energy_per_site(bad)))
     hottest = head.local_map(bad, bad, torch.full_like(bad, 0.3), physics.energy_per_site(bad)).flatten(1).argmax(1)
     assert near.flatten(1)[torch.arange(len(bad)), hottest].float().mean() > 0.8
+
+
+def test_quality_table_on_a_perfect_reconstruction() -> None:
+    """θ = input, σ at the floor: no energy discrepancy, sampled vortices = input's, recall 1 vs the quench."""
+    from training.quench import vortex_pair
+    from training.train import format_quality, quality_table
+
+    rng = np.random.default_rng(0)
+    pairs = np.stack([vortex_pair(16, (3.5, 3.5), (3.5, 10.5)) for _ in range(4)])  # d = 7 survives the quench
+    hot = np.mod(pairs + rng.normal(0, 0.3, pairs.shape), 2 * math.pi).astype(np.float32)
+    angles = np.concatenate([pairs, hot])
+    temps = np.array([0.5] * 4 + [1.2] * 4, np.float32)
+    x = torch.from_numpy(angles)
+    e = physics.energy_per_site(x).numpy()
+    sigma = np.full(angles.shape, 1e-4, np.float32)
+    e_rec = physics.expected_energy_per_site(x, torch.from_numpy(sigma)).numpy()
+    out = {"theta": angles, "sigma": sigma, "energy": e, "energy_discrepancy": e_rec - e}
+    q = quality_table(out, angles, temps)
+    assert q["rel_de_max"] < 1e-5
+    assert q["recall_T_le_1"] == 1.0 and q["n_ref_T_le_1"] == 8
+    row = q["rows"][1]
+    assert row["T"] == pytest.approx(1.2) and row["vortex_ratio"] == pytest.approx(1.0)
+    assert q["vortex_max_gap_T_ge_0.9"] == pytest.approx(0.0)
+    # a smooth mean field with noise that carries no vortices fails criterion (2)
+    bad = quality_table({**out, "theta": np.zeros_like(angles)}, angles, temps)
+    assert bad["vortex_max_gap_T_ge_0.9"] > 0.9 and bad["recall_T_le_1"] == 0.0
+    assert "(2) vortex density" in format_quality(q)
