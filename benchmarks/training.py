@@ -20,8 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from training.dataset import load_dataset  # noqa: E402
-from training.model import ModelConfig  # noqa: E402
-from training.train import DEFAULTS, Hyper, fit, tiny_dataset  # noqa: E402
+from training.train import DEFAULTS, Hyper, fit, model_config, tiny_dataset  # noqa: E402
 
 
 def main() -> int:
@@ -39,7 +38,7 @@ def main() -> int:
     rates: dict[str, list[float]] = {}
     for kind in ("vae", "hgvae"):
         hp = Hyper(epochs=args.epochs)
-        cfg = ModelConfig(lattice_size=L, latent_dim=hp.latent_dim, width=hp.width, kind=kind, latent=hp.latent)
+        cfg = model_config(L, kind, hp)
         t0 = time.perf_counter()
         _, hist = fit(ds.angles, cfg, hp)
         rates[kind] = [h["samples_per_s"] for h in hist]

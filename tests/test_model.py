@@ -10,7 +10,15 @@ import torch
 
 from training import defects, physics
 from training.anomaly import AnomalyHead, calibrate, hat_weights
-from training.model import XYVAE, ModelConfig, sample_reconstruction, vae_loss, wrapped_normal_nll
+from training.model import (
+    XYVAE,
+    ModelConfig,
+    default_latent_dim,
+    sample_reconstruction,
+    sampled_vortex_surrogate,
+    vae_loss,
+    wrapped_normal_nll,
+)
 from training.train import Hyper, TrainingDiverged, evaluate, fit, split_indices, tiny_dataset
 
 torch.set_num_threads(1)
@@ -36,8 +44,41 @@ def test_bad_config_rejected() -> None:
         ModelConfig(lattice_size=10)
     with pytest.raises(ValueError, match="kind"):
         ModelConfig(kind="gan")
-    with pytest.raises(ValueError, match="multiple of"):
+    with pytest.raises(ValueError, match=r"multiple of \(L/2\)² = 16 for the spatial latent at L = 8"):
         ModelConfig(lattice_size=8, latent_dim=5, latent="spatial")
+    with pytest.raises(ValueError, match="latent must be one of"):
+        ModelConfig(latent="hybrid")
+
+
+def test_default_latent_sizes() -> None:
+    """Spatial by default: 2 channels on the (L/2)² grid at every L; the global latent keeps 64."""
+    assert ModelConfig(lattice_size=16).latent_dim == 128 == default_latent_dim(16)
+    assert ModelConfig(lattice_size=32).latent_dim == 512
+    assert ModelConfig(lattice_size=16, latent="global").latent_dim == 64
+    assert ModelConfig(lattice_size=16, latent_dim=192).latent_channels == 3
+
+
+def test_vortex_surrogate_gradient_is_unbiased() -> None:
+    """d E[vortex density of θ̂ + σε] / dσ (uniform σ change): score surrogate vs a finite difference."""
+    g = torch.Generator().manual_seed(0)
+    th = torch.rand(64, 8, 8, generator=g, dtype=torch.float64) * 0.8
+    sg = torch.full((64, 8, 8), 0.8, dtype=torch.float64, requires_grad=True)
+    dens, grads = [], []
+    for _ in range(25):
+        d, s = sampled_vortex_surrogate(th, sg, g)
+        (grad,) = torch.autograd.grad(s.mean(), sg)
+        dens.append(float(d.mean()))
+        grads.append(float(grad.sum()))
+    with torch.no_grad():
+        lo, hi = (
+            np.mean([float(physics.vortex_density(th + s0 * torch.randn(th.shape, generator=g, dtype=th.dtype)).mean())
+                     for _ in range(100)])
+            for s0 in (0.75, 0.85)
+        )  # fmt: skip
+    fd = (hi - lo) / 0.1
+    assert fd > 0.1  # more noise, more vortices
+    assert np.mean(grads) == pytest.approx(fd, rel=0.15)
+    assert np.mean(dens) == pytest.approx((lo + hi) / 2, rel=0.15)
 
 
 @pytest.mark.parametrize("sigma", [0.05, 0.3, 1.0, 1.6])
@@ -75,6 +116,16 @@ def test_loss_terms_and_lambda_zero_for_vae() -> None:
     assert float(terms.total) == pytest.approx(float(terms.nll + terms.kl / n), rel=1e-5)
     with_e = vae_loss(m, x, beta=1.0, lam=10.0, generator=torch.Generator().manual_seed(0))
     assert float(with_e.total) == pytest.approx(float(with_e.nll + with_e.kl / n + 10 * with_e.energy), rel=1e-5)
+    with_v = vae_loss(m, x, beta=1.0, lam=10.0, generator=torch.Generator().manual_seed(0), vortex_weight=2.0)
+    expected = float(with_v.nll + with_v.kl / n + 10 * with_v.energy + 2 * with_v.vortex)
+    assert float(with_v.vortex) > 0 and float(with_v.total) == pytest.approx(expected, rel=1e-5)
+    # the vortex term reaches σ only, never the mean angles: θ̂'s head gets the same gradient without it
+    grads = []
+    for vw in (0.0, 2.0):
+        m.zero_grad()
+        vae_loss(m, x, beta=1.0, lam=0.0, generator=torch.Generator().manual_seed(0), vortex_weight=vw).total.backward()
+        grads.append(m.decoder.heads.theta.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1])
 
 
 def test_fit_is_reproducible_and_lowers_the_loss() -> None:
@@ -162,3 +213,30 @@ def test_calibrated_score_is_a_z_score_on_normal_data_and_flags_a_dead_patch() -
     assert torch.all(map_bad >= head.local_map(bad, bad, torch.full_like(bad, 0.3), physics.energy_per_site(bad)))
     hottest = head.local_map(bad, bad, torch.full_like(bad, 0.3), physics.energy_per_site(bad)).flatten(1).argmax(1)
     assert near.flatten(1)[torch.arange(len(bad)), hottest].float().mean() > 0.8
+
+
+def test_quality_table_on_a_perfect_reconstruction() -> None:
+    """θ = input, σ at the floor: no energy discrepancy, sampled vortices = input's, recall 1 vs the quench."""
+    from training.quench import vortex_pair
+    from training.train import format_quality, quality_table
+
+    rng = np.random.default_rng(0)
+    pairs = np.stack([vortex_pair(16, (3.5, 3.5), (3.5, 10.5)) for _ in range(4)])  # d = 7 survives the quench
+    hot = np.mod(pairs + rng.normal(0, 0.3, pairs.shape), 2 * math.pi).astype(np.float32)
+    angles = np.concatenate([pairs, hot])
+    temps = np.array([0.5] * 4 + [1.2] * 4, np.float32)
+    x = torch.from_numpy(angles)
+    e = physics.energy_per_site(x).numpy()
+    sigma = np.full(angles.shape, 1e-4, np.float32)
+    e_rec = physics.expected_energy_per_site(x, torch.from_numpy(sigma)).numpy()
+    out = {"theta": angles, "sigma": sigma, "energy": e, "energy_discrepancy": e_rec - e}
+    q = quality_table(out, angles, temps)
+    assert q["rel_de_max"] < 1e-5
+    assert q["recall_T_le_1"] == 1.0 and q["n_ref_T_le_1"] == 8
+    row = q["rows"][1]
+    assert row["T"] == pytest.approx(1.2) and row["vortex_ratio"] == pytest.approx(1.0)
+    assert q["vortex_max_gap_T_ge_0.9"] == pytest.approx(0.0)
+    # a smooth mean field with noise that carries no vortices fails criterion (2)
+    bad = quality_table({**out, "theta": np.zeros_like(angles)}, angles, temps)
+    assert bad["vortex_max_gap_T_ge_0.9"] > 0.9 and bad["recall_T_le_1"] == 0.0
+    assert "(2) vortex density" in format_quality(q)

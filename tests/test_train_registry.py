@@ -139,3 +139,7 @@ def test_cli_bad_hyper_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rc == 2 and "epochs" in capsys.readouterr().err
     rc = main(["train", "--data", str(data), "--latent-dim", "0", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     assert rc == 2 and "latent" in capsys.readouterr().err
+    rc = main(["train", "--data", str(data), "--latent-dim", "20", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "multiple of (L/2)² = 16" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "m.db")  # refused before anything was logged

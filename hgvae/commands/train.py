@@ -19,13 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     p.add_argument(
         "--latent-dim", type=int, default=None,
-        help="latent size (default 64)",
+        help="latent size: a multiple of (L/2)² for the spatial latent (default 2·(L/2)²: 128 at L=16, 512 at "
+        "L=32); any size ≥ 1 for --latent global (default 64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--latent", choices=("spatial", "global"), default=None,
+        help="spatial: channels on an (L/2)² grid, so θ̂ can carry vortices (default); global: one vector",
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for split, init and sampling (default 0)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
-    p.add_argument("--lam", type=float, default=None, help="energy-term weight λ (default 1000; the term is relative)")
-    p.add_argument("--beta", type=float, default=None, help="KL weight β (default 0.5)")
+    p.add_argument("--lam", type=float, default=None, help="energy-term weight λ (default 3000; the term is relative)")
+    p.add_argument("--beta", type=float, default=None, help="KL weight β (default 0.1)")
+    p.add_argument(
+        "--vortex-weight", type=float, default=None,
+        help="weight of the sampled-vortex-density term (HG-VAE; default 2; 0 = off)",
+    )  # fmt: skip
     p.add_argument("--width", type=int, default=None, help="convolution channels (default 24)")
     p.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or embedded sqlite)"
@@ -41,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from training.dataset import DatasetError
     from training.train import TrainingDiverged, train_model
 
-    hyper = {k: getattr(args, k) for k in ("lr", "lam", "beta", "width", "threads") if getattr(args, k) is not None}
+    keys = ("lr", "lam", "beta", "width", "threads", "latent", "vortex_weight")
+    hyper = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         res = train_model(
             args.data,
