@@ -184,6 +184,7 @@ class BatchQueue:
                 return batch
 
     def _runner(self) -> None:
+        batch: list[_Pending] | None = None
         try:
             while True:
                 with self._cond:
@@ -200,12 +201,16 @@ class BatchQueue:
                     self._post(self._deliver, batch, None, exc)
                 else:
                     self._post(self._deliver, batch, results, None)
-        except BaseException as exc:  # nobody may wait forever: fail what is queued and refuse new work
+                batch = None
+        except BaseException as exc:  # nobody may wait forever: fail this batch and the queue, refuse new work
             log.error("batch runner died", extra={"model": self.name, "error": repr(exc)})
             with self._cond:
                 self._closing = True
                 self._cond.notify_all()
-            self._post(self._fail_queued, f"model {self.name}: batch runner failed; retry")
+            message = f"model {self.name}: batch runner failed; retry"
+            if batch:
+                self._post(self._deliver, batch, None, NotReady(message))
+            self._post(self._fail_queued, message)
         finally:
             self._post(self._runner_exited)
 

@@ -19,10 +19,12 @@ class Model:
     def __init__(self, delay: float = 0.0, fail: bool = False, drop_row: bool = False) -> None:
         self.calls: list[int] = []
         self.delay, self.fail, self.drop_row = delay, fail, drop_row
+        self.entered: list[int] = []  # in the order runs started (calls: in the order they passed the gate)
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, x: np.ndarray, outputs):
+        self.entered.append(len(x))
         self.gate.wait(5)
         self.calls.append(len(x))
         if self.delay:
@@ -212,3 +214,64 @@ def test_settings_come_from_hgvae_environment(monkeypatch):
     assert (s.port, s.max_delay_ms, s.host) == (50999, 2.5, "127.0.0.1")
     assert s.models == ["a=models:/x@champion", "/tmp/m.onnx"]
     assert ServerSettings(port=1).port == 1  # explicit values (CLI flags) win
+
+
+def test_workers_run_batches_in_parallel():
+    """Two runners: two batches are inside predict at the same time (the service uses both cores)."""
+
+    class Barrier(Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inside = threading.Barrier(2, timeout=5)
+
+        def __call__(self, x, outputs):
+            self.inside.wait()  # raises BrokenBarrierError unless a second run is in flight at once
+            return super().__call__(x, outputs)
+
+    async def main():
+        m = Barrier()
+        q = BatchQueue(m, max_batch_size=4, max_delay_s=0.0, workers=2)
+        res = await asyncio.gather(*(q.predict(x_of(4, i)) for i in range(2)))
+        await q.close()
+        return m, res
+
+    m, res = run(main())
+    assert sorted(m.calls) == [4, 4]
+    assert [r["sum"][0] for r in res] == [0.0, 4.0]
+
+
+def test_idle_workers_share_the_queue_and_a_busy_queue_gives_full_batches():
+    async def main():
+        m = Model()
+        m.gate.clear()
+        q = BatchQueue(m, max_batch_size=8, max_delay_s=0.0, workers=2)
+        futs = [q.submit(x_of(1, i)) for i in range(4)]  # both runners idle: they share the 4 rows
+        await asyncio.sleep(0.05)
+        more = [q.submit(x_of(1, i)) for i in range(20)]  # both runners busy: full batches of 8 wait
+        m.gate.set()
+        res = await asyncio.gather(*futs, *more)
+        await q.close()
+        return m, res, q
+
+    m, res, q = run(main())
+    # 2 + 2 usually; 1 + 3 (or 1 + 1, the rest later) when a runner wakes before all four are queued
+    assert max(m.entered[:2]) < 4, m.entered
+    assert m.entered[2:4] == [8, 8] and sum(m.entered) == 24, m.entered
+    assert [r["sum"][0] for r in res] == [4.0 * i for i in range(4)] + [4.0 * i for i in range(20)]
+    assert q.queued_rows == 0
+
+
+def test_a_dead_runner_fails_the_queue_instead_of_hanging():
+    async def main():
+        m = Model()
+        q = BatchQueue(m, max_batch_size=4, max_delay_s=0.0)
+        q._run_batch = lambda batch: (_ for _ in ()).throw(SystemExit("runner killed"))  # escapes `except Exception`
+        first = q.submit(x_of(1, 0))
+        with pytest.raises(NotReady, match="runner failed"):
+            await asyncio.wait_for(first, 2)
+        await asyncio.sleep(0.05)
+        with pytest.raises(NotReady):
+            q.submit(x_of(1, 0))
+        await asyncio.wait_for(q.close(), 2)
+
+    run(main())
