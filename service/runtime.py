@@ -68,8 +68,8 @@ def default_threads() -> int:
 
 def serving_threads(workers: int, intra_op_threads: int) -> int:
     """Intra-op threads per session in the server. Auto (0): 1 when the worker count is auto too (one
-    single-threaded run per core: on the 2-core box two 1-thread runs beat one 2-thread run by ~1.6x
-    at batch 16, and a 1-thread run leaves no pool threads to wake), else the cores split among workers."""
+    single-threaded run per core: concurrent runs need no synchronisation inside an op and leave no pool
+    threads to wake; the in-process limit on 2 cores is two such runs), else the cores split among workers."""
     if intra_op_threads:
         return intra_op_threads
     return max(1, usable_cores() // workers) if workers else 1
