@@ -275,3 +275,16 @@ def test_a_dead_runner_fails_the_queue_instead_of_hanging():
         await asyncio.wait_for(q.close(), 2)
 
     run(main())
+
+
+def test_runner_and_thread_plan(monkeypatch):
+    """Auto: one single-threaded run per core on CPU, one run on CUDA; explicit values split the cores."""
+    from service import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    cpu, gpu = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert (runtime.serving_workers(0, 0, cpu), runtime.serving_threads(0, 0)) == (8, 1)
+    assert (runtime.serving_workers(0, 0, gpu), runtime.serving_threads(0, 0)) == (1, 1)
+    assert (runtime.serving_workers(2, 0, cpu), runtime.serving_threads(2, 0)) == (2, 4)
+    assert (runtime.serving_workers(0, 4, cpu), runtime.serving_threads(0, 4)) == (2, 4)
+    assert (runtime.serving_workers(3, 3, cpu), runtime.serving_threads(3, 3)) == (3, 3)
