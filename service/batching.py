@@ -80,6 +80,7 @@ class BatchQueue:
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._idle = 0  # runners blocked waiting for work
+        self._filling = 0  # runners holding a partial batch until max_delay
         self._closing = False
         self._alive = workers
         self._stopped: asyncio.Future = self._loop.create_future()
@@ -109,7 +110,9 @@ class BatchQueue:
                 )
             self._queue.append(item)
             self._queued_rows += rows
-            if self._idle:
+            if self._filling and self._queued_rows >= self.max_batch_size:
+                self._cond.notify_all()  # a runner waiting out max_delay has a full batch now
+            elif self._idle:
                 self._cond.notify()
         return fut
 
@@ -162,11 +165,15 @@ class BatchQueue:
             # Wait for more rows, but never past max_delay after the *oldest* request arrived.
             if self.max_delay_s > 0:
                 deadline = self._queue[0].enqueued + self.max_delay_s
-                while self._queue and self._queued_rows < self.max_batch_size and not self._closing:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+                self._filling += 1
+                try:
+                    while self._queue and self._queued_rows < self.max_batch_size and not self._closing:
+                        remaining = deadline - time.perf_counter()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                finally:
+                    self._filling -= 1
             # Share the queued rows with the other idle runners (all of them when the queue is busy).
             limit = min(self.max_batch_size, max(1, math.ceil(self._queued_rows / (self._idle + 1))))
             batch: list[_Pending] = []

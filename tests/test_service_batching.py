@@ -62,6 +62,23 @@ def test_full_batch_runs_without_waiting_for_the_delay():
         assert r["first"].shape == (2, 2)
 
 
+def test_a_batch_that_fills_up_during_the_delay_runs_at_once():
+    async def main():
+        m = Model()
+        q = BatchQueue(m, max_batch_size=4, max_delay_s=5.0)
+        t0 = time.perf_counter()
+        first = q.submit(x_of(1, 1))
+        await asyncio.sleep(0.1)  # the runner now holds one row, waiting up to 5 s for more
+        rest = q.submit(x_of(3, 2))
+        await asyncio.gather(first, rest)
+        elapsed = time.perf_counter() - t0
+        await q.close()
+        return m, elapsed
+
+    m, elapsed = run(main())
+    assert m.calls == [4] and elapsed < 1.0, (m.calls, elapsed)
+
+
 def test_delay_counts_from_the_oldest_request():
     async def main():
         m = Model()
