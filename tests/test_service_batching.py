@@ -305,3 +305,20 @@ def test_runner_and_thread_plan(monkeypatch):
     assert (runtime.serving_workers(2, 0, cpu), runtime.serving_threads(2, 0)) == (2, 4)
     assert (runtime.serving_workers(0, 4, cpu), runtime.serving_threads(0, 4)) == (2, 4)
     assert (runtime.serving_workers(3, 3, cpu), runtime.serving_threads(3, 3)) == (3, 3)
+
+
+def test_container_cpu_limit_caps_the_cores(tmp_path):
+    from service.runtime import cgroup_cpu_limit
+
+    assert cgroup_cpu_limit(tmp_path) is None  # no cgroup files: unlimited
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs -> 2 runners
+    assert cgroup_cpu_limit(tmp_path) == 2
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    assert cgroup_cpu_limit(tmp_path) == 4
