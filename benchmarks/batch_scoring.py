@@ -1,6 +1,8 @@
 """Batch scoring throughput: local (`hgvae score`, in-process onnxruntime) vs Spark local[2], same input.
 
     python benchmarks/batch_scoring.py [--n 100000] [--size 32] [--model URI|.onnx] [--outputs scalars|all|a,b]
+    python benchmarks/batch_scoring.py --n 20000 --batch-size 16,64,256 --outputs all --threads 1,2   # the sweep
+                                                                          behind `hgvae score --batch-size`
 
 Both engines score the same N random L x L lattices (the local engine from .npz, Spark from Parquet) with
 the same model and outputs, writing their output files; times include reading and writing. Local runs
@@ -64,12 +66,16 @@ def main() -> int:
     parser.add_argument("--outputs", default="scalars",
                         help="'scalars' (per-lattice numbers + latents, default), 'all' (adds the three L x L "
                              "maps: ~12 KB per lattice more output) or a comma list")
-    parser.add_argument("--batch-size", type=int, default=16, help="lattices per onnxruntime call, both engines")
+    parser.add_argument("--batch-size", default="16",
+                        help="lattices per onnxruntime call, both engines; a comma list (e.g. 16,64,256) sweeps them")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--workdir", help="where the data goes (default: a temp dir, removed after)")
     parser.add_argument("--threads", default="2", help="local engine onnxruntime thread counts, e.g. 1,2 (default 2)")
     parser.add_argument("--warm", action="store_true", help="also time a second Spark job on the warm session")
+    parser.add_argument("--no-spark", action="store_true", help="local engine only")
     args = parser.parse_args()
+    sizes = [int(b) for b in args.batch_size.split(",")]
+    warm = args.warm or len(sizes) > 1  # a sweep compares warm jobs (the cold one pays JVM/worker start-up)
     outputs = None if args.outputs == "all" else SCALARS if args.outputs == "scalars" else args.outputs.split(",")
 
     import pyarrow.parquet as pq
@@ -94,30 +100,35 @@ def main() -> int:
         del angles
 
         rates: dict[str, float] = {}
-        for threads in sorted({int(t) for t in args.threads.split(",")} | {2}):
-            model = OnnxModel(model_path, "hgvae", "1", intra_op_threads=threads, device="cpu")
-            model.load()
-            t0 = time.perf_counter()
-            score_file(tmp / "lattices.npz", tmp / f"scores-{threads}.npz", local_scorer(model, outputs),
-                       args.batch_size, True, {}, False)
-            seconds = time.perf_counter() - t0
-            rates[f"local {threads} thread{'s' if threads > 1 else ''}"] = args.n / seconds
-            print(f"local, {threads} onnxruntime thread(s): {seconds:7.1f} s  {args.n / seconds:9.0f} lattices/s")
+        for batch in sizes:
+            for threads in sorted({int(t) for t in args.threads.split(",")} | {2}):
+                model = OnnxModel(model_path, "hgvae", "1", intra_op_threads=threads, device="cpu")
+                model.load()
+                t0 = time.perf_counter()
+                score_file(tmp / "lattices.npz", tmp / f"scores-{threads}.npz", local_scorer(model, outputs),
+                           batch, True, {}, False)
+                seconds = time.perf_counter() - t0
+                rates[f"local {threads} thread{'s' if threads > 1 else ''} b{batch}"] = args.n / seconds
+                print(f"local, batch {batch}, {threads} onnxruntime thread(s): {seconds:7.1f} s  "
+                      f"{args.n / seconds:9.0f} lattices/s  (load {os.getloadavg()[0]:.1f})")
+        if args.no_spark:
+            return 0
 
         t0 = time.perf_counter()
         spark = spark_session(args.master, {"spark.ui.showConsoleProgress": "false",
                                             "spark.driver.memory": "2g"})
         start_s = time.perf_counter() - t0
         # first job: cold JVM code paths and Python workers (what one `hgvae score --engine spark` pays);
-        # second job: warm, the steady state of a long job or a session that scores many inputs
-        for run in ("cold", "warm") if args.warm else ("cold",):
+        # later jobs: warm, the steady state of a long job or a session that scores many inputs
+        jobs = [("cold", sizes[0])] + ([("warm", b) for b in sizes] if warm else [])
+        for run, batch in jobs:
             result = score_parquet(tmp / "lattices.parquet", tmp / "scores.parquet", str(model_path), spark=spark,
-                                   outputs=outputs, batch_size=args.batch_size, overwrite=True)
+                                   outputs=outputs, batch_size=batch, overwrite=True)
             assert result.rows == args.n, result.rows
-            rates[f"spark {run}"] = result.rows_per_second
+            rates[f"spark {run} b{batch}"] = result.rows_per_second
             note = f" (JVM start {start_s:.1f} s not counted)" if run == "cold" else ""
-            print(f"spark {args.master}, {run} job{note}: {result.seconds:7.1f} s  "
-                  f"{result.rows_per_second:9.0f} lattices/s")
+            print(f"spark {args.master}, batch {batch}, {run} job{note}: {result.seconds:7.1f} s  "
+                  f"{result.rows_per_second:9.0f} lattices/s  (load {os.getloadavg()[0]:.1f})")
         spark.stop()
 
         # same numbers from both engines (first rows; ids are the input row numbers)
@@ -125,9 +136,10 @@ def main() -> int:
         table = pq.read_table(tmp / "scores.parquet", columns=["id", "energy"]).to_pandas().sort_values("id")
         np.testing.assert_allclose(table["energy"].to_numpy()[:1000], local["energy"][:1000], atol=1e-5)
 
-        ratios = ", ".join(f"{rates['local 2 threads'] / rates[f'spark {run}']:.2f} {run}"
-                           for run in ("cold", "warm") if f"spark {run}" in rates)
-        print(f"\nSpark overhead ratio = local 2 threads / spark {args.master} lattices/s: {ratios} "
+        b = sizes[0]
+        ratios = ", ".join(f"{rates[f'local 2 threads b{b}'] / rates[f'spark {run} b{b}']:.2f} {run}"
+                           for run in ("cold", "warm") if f"spark {run} b{b}" in rates)
+        print(f"\nSpark overhead ratio (batch {b}) = local 2 threads / spark {args.master} lattices/s: {ratios} "
               f"(cold = first job of a new session)")
         print(f"load average during the run: {os.getloadavg()[0]:.1f} (other processes share these cores)")
     finally:

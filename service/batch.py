@@ -157,7 +157,7 @@ def score_file(
     input_path: str | Path,
     output_path: str | Path,
     score_chunks: ScoreFn,
-    chunk_rows: int = 256,
+    chunk_rows: int = 16,  # per onnxruntime call / request: small batches are fastest on CPU
     force: bool = False,
     metadata: dict[str, Any] | None = None,
     progress: bool = True,

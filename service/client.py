@@ -11,7 +11,7 @@ names raise at once, `timeout` becomes the gRPC deadline, every grpc.RpcError be
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +140,51 @@ def _channel_args(
     return options, metadata, creds
 
 
+@contextlib.contextmanager
+def _rpc_errors() -> Iterator[None]:
+    """grpc.RpcError -> ScoringError (works around a blocking call and around an `await` alike)."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise ScoringError.from_rpc(exc) from None
+
+
+class _Converter:
+    """Everything the two clients share: arguments -> request message and call options, answer ->
+    Python values. A client only sends what this builds (blocking or awaited) and returns what it decodes."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...], timeout: float | None) -> None:
+        self.metadata, self.timeout = metadata, timeout
+
+    def call(self, timeout: float | None, default: bool = True) -> dict[str, Any]:
+        """gRPC call options: the deadline (the client's default unless `default` is False) and the token."""
+        return {"timeout": self.timeout if timeout is None and default else timeout, "metadata": self.metadata}
+
+    def stream_request(
+        self, i: int, lattices: Any, model: str, version: str | int, outputs: list[str]
+    ) -> pb.ScoreRequest:
+        return build_request(lattices, model, version, outputs, str(i))
+
+    @staticmethod
+    def stream_result(resp: pb.ScoreResponse, raise_errors: bool) -> ScoreResult:
+        result = parse_response(resp)
+        if result.error is not None and raise_errors:
+            raise result.error
+        return result
+
+    @staticmethod
+    def info_request(model: str, version: str | int) -> pb.ModelInfoRequest:
+        return pb.ModelInfoRequest(model=model, version=str(version))
+
+    @staticmethod
+    def health_request(service: str) -> health_pb2.HealthCheckRequest:
+        return health_pb2.HealthCheckRequest(service=service)
+
+    @staticmethod
+    def health_status(resp: health_pb2.HealthCheckResponse) -> str:
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
 class ScoringClient:
     """Blocking client. `timeout` (seconds) is the default deadline of every call."""
 
@@ -151,11 +196,20 @@ class ScoringClient:
         timeout: float | None = 30.0,
         max_message_mb: float = 64.0,
     ) -> None:
-        options, self._metadata, creds = _channel_args(target, token, root_certificates, max_message_mb)
+        options, metadata, creds = _channel_args(target, token, root_certificates, max_message_mb)
         self._channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
         self._stub = pb_grpc.ScoringServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.timeout = timeout
+        self._c = _Converter(metadata, timeout)
+
+    @property
+    def timeout(self) -> float | None:
+        """Default deadline (seconds) of every call but streams; None: no deadline."""
+        return self._c.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._c.timeout = value
 
     def __enter__(self) -> ScoringClient:
         return self
@@ -166,9 +220,6 @@ class ScoringClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _t(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
-
     def score(
         self,
         lattices: Any,
@@ -178,11 +229,8 @@ class ScoringClient:
         timeout: float | None = None,
     ) -> ScoreResult:
         request = build_request(lattices, model, version, outputs)
-        try:
-            resp = self._stub.Score(request, timeout=self._t(timeout), metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
-        return parse_response(resp)
+        with _rpc_errors():
+            return parse_response(self._stub.Score(request, **self._c.call(timeout)))
 
     def score_stream(
         self,
@@ -198,42 +246,26 @@ class ScoringClient:
         With raise_errors=False a bad batch yields a result whose `.error` is set and the stream goes on.
         `timeout` bounds the whole stream (default: none).
         """
-        outputs = _check_outputs(outputs)
-        requests = (build_request(b, model, version, outputs, str(i)) for i, b in zip(itertools.count(), batches))
-        try:
-            for resp in self._stub.ScoreStream(requests, timeout=timeout, metadata=self._metadata):
-                result = parse_response(resp)
-                if result.error is not None and raise_errors:
-                    raise result.error
-                yield result
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
+        wanted = _check_outputs(outputs)
+        requests = (self._c.stream_request(i, b, model, version, wanted) for i, b in enumerate(batches))
+        with _rpc_errors():
+            for resp in self._stub.ScoreStream(requests, **self._c.call(timeout, default=False)):
+                yield self._c.stream_result(resp, raise_errors)
 
     def model_info(self, model: str = "", version: str | int = "", timeout: float | None = None) -> dict[str, Any]:
-        try:
-            info = self._stub.GetModelInfo(
-                pb.ModelInfoRequest(model=model, version=str(version)),
-                timeout=self._t(timeout),
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
-        return info_dict(info)
+        with _rpc_errors():
+            return info_dict(self._stub.GetModelInfo(self._c.info_request(model, version), **self._c.call(timeout)))
 
     def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        try:
-            resp = self._stub.ListModels(pb.ListModelsRequest(), timeout=self._t(timeout), metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
+        with _rpc_errors():
+            resp = self._stub.ListModels(pb.ListModelsRequest(), **self._c.call(timeout))
         return [info_dict(m) for m in resp.models]
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """'SERVING', 'NOT_SERVING', ... for the server ('') or one service name."""
-        try:
-            resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._t(timeout))
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        with _rpc_errors():
+            resp = self._health.Check(self._c.health_request(service), timeout=self._c.call(timeout)["timeout"])
+        return self._c.health_status(resp)
 
 
 class AsyncScoringClient:
@@ -247,13 +279,22 @@ class AsyncScoringClient:
         timeout: float | None = 30.0,
         max_message_mb: float = 64.0,
     ) -> None:
-        options, self._metadata, creds = _channel_args(target, token, root_certificates, max_message_mb)
+        options, metadata, creds = _channel_args(target, token, root_certificates, max_message_mb)
         self._channel = (
             grpc.aio.secure_channel(target, creds, options) if creds else grpc.aio.insecure_channel(target, options)
         )
         self._stub = pb_grpc.ScoringServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.timeout = timeout
+        self._c = _Converter(metadata, timeout)
+
+    @property
+    def timeout(self) -> float | None:
+        """Default deadline (seconds) of every call but streams; None: no deadline."""
+        return self._c.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._c.timeout = value
 
     async def __aenter__(self) -> AsyncScoringClient:
         return self
@@ -264,9 +305,6 @@ class AsyncScoringClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    def _t(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
-
     async def score(
         self,
         lattices: Any,
@@ -276,11 +314,8 @@ class AsyncScoringClient:
         timeout: float | None = None,
     ) -> ScoreResult:
         request = build_request(lattices, model, version, outputs)
-        try:
-            resp = await self._stub.Score(request, timeout=self._t(timeout), metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
-        return parse_response(resp)
+        with _rpc_errors():
+            return parse_response(await self._stub.Score(request, **self._c.call(timeout)))
 
     async def score_stream(
         self,
@@ -291,53 +326,35 @@ class AsyncScoringClient:
         timeout: float | None = None,
         raise_errors: bool = True,
     ) -> AsyncIterator[ScoreResult]:
-        outputs = _check_outputs(outputs)
+        wanted = _check_outputs(outputs)
 
         async def requests() -> AsyncIterator[pb.ScoreRequest]:
-            i = 0
             if isinstance(batches, AsyncIterable):
+                i = 0
                 async for b in batches:
-                    yield build_request(b, model, version, outputs, str(i))
+                    yield self._c.stream_request(i, b, model, version, wanted)
                     i += 1
             else:
-                for b in batches:
-                    yield build_request(b, model, version, outputs, str(i))
-                    i += 1
+                for i, b in enumerate(batches):
+                    yield self._c.stream_request(i, b, model, version, wanted)
 
-        try:
-            async for resp in self._stub.ScoreStream(requests(), timeout=timeout, metadata=self._metadata):
-                result = parse_response(resp)
-                if result.error is not None and raise_errors:
-                    raise result.error
-                yield result
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
+        with _rpc_errors():
+            async for resp in self._stub.ScoreStream(requests(), **self._c.call(timeout, default=False)):
+                yield self._c.stream_result(resp, raise_errors)
 
     async def model_info(
         self, model: str = "", version: str | int = "", timeout: float | None = None
     ) -> dict[str, Any]:
-        try:
-            info = await self._stub.GetModelInfo(
-                pb.ModelInfoRequest(model=model, version=str(version)),
-                timeout=self._t(timeout),
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
+        with _rpc_errors():
+            info = await self._stub.GetModelInfo(self._c.info_request(model, version), **self._c.call(timeout))
         return info_dict(info)
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        try:
-            resp = await self._stub.ListModels(
-                pb.ListModelsRequest(), timeout=self._t(timeout), metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
+        with _rpc_errors():
+            resp = await self._stub.ListModels(pb.ListModelsRequest(), **self._c.call(timeout))
         return [info_dict(m) for m in resp.models]
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
-        try:
-            resp = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._t(timeout))
-        except grpc.RpcError as exc:
-            raise ScoringError.from_rpc(exc) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        with _rpc_errors():
+            resp = await self._health.Check(self._c.health_request(service), timeout=self._c.call(timeout)["timeout"])
+        return self._c.health_status(resp)

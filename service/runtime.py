@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -52,10 +53,57 @@ def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
 
 
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """A container's CPU quota rounded up (cgroup v2 cpu.max or v1 cfs quota), None when unlimited."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+        v1 = root / "cpu" / "cpu.cfs_quota_us"
+        if v1.is_file():
+            quota_us = int(v1.read_text())
+            period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else max(1, math.ceil(quota_us / period_us))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may use: its CPU set, capped by a container CPU limit (a pod limited to
+    2 CPUs on a 64-core node must not start 64 runners)."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        cores = max(1, os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
+
+
 def default_threads() -> int:
-    """Half the cores: the rest serve the gRPC event loop, (de)serialisation and co-located clients.
-    Measured on the 2-core dev box: 1 thread beat 2 in both p99 latency and batch-8 throughput."""
-    return max(1, (os.cpu_count() or 1) // 2)
+    """Intra-op threads for a model that runs one call at a time (batch scoring, notebooks): half the
+    cores, the rest for reading and writing data."""
+    return max(1, usable_cores() // 2)
+
+
+def serving_threads(workers: int, intra_op_threads: int) -> int:
+    """Intra-op threads per session in the server. Auto (0): 1 when the worker count is auto too (one
+    single-threaded run per core: concurrent runs need no synchronisation inside an op and leave no pool
+    threads to wake; the in-process limit on 2 cores is two such runs), else the cores split among workers."""
+    if intra_op_threads:
+        return intra_op_threads
+    return max(1, usable_cores() // workers) if workers else 1
+
+
+def serving_workers(workers: int, intra_op_threads: int, provider: str) -> int:
+    """Concurrent onnxruntime runs per model in the server. Auto (0): one per core on the CPU (divided by
+    the intra-op threads each run uses), 1 on CUDA (the GPU runs one batch at a time anyway)."""
+    if workers:
+        return workers
+    if provider == "CUDAExecutionProvider":
+        return 1
+    return max(1, usable_cores() // serving_threads(0, intra_op_threads))
 
 
 def _session_options(intra_op_threads: int, quiet: bool = False) -> Any:
@@ -63,7 +111,7 @@ def _session_options(intra_op_threads: int, quiet: bool = False) -> Any:
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one run at a time per model; parallelism inside ops
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # nodes in order; parallelism inside ops and across runs
     so.intra_op_num_threads = intra_op_threads or default_threads()
     so.inter_op_num_threads = 1
     # Spinning workers burn the cores that the gRPC event loop needs between runs.
@@ -138,7 +186,8 @@ def read_metadata(sess: Any, path: str | Path) -> ModelMetadata:
 
 
 class OnnxModel:
-    """One loaded model version. `predict` is thread-safe (onnxruntime sessions are)."""
+    """One loaded model version. `predict` is thread-safe: onnxruntime runs concurrent calls on one session
+    (with 1 intra-op thread each call computes on its caller's thread, so N callers use N cores)."""
 
     def __init__(
         self,

@@ -19,10 +19,12 @@ class Model:
     def __init__(self, delay: float = 0.0, fail: bool = False, drop_row: bool = False) -> None:
         self.calls: list[int] = []
         self.delay, self.fail, self.drop_row = delay, fail, drop_row
+        self.entered: list[int] = []  # in the order runs started (calls: in the order they passed the gate)
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, x: np.ndarray, outputs):
+        self.entered.append(len(x))
         self.gate.wait(5)
         self.calls.append(len(x))
         if self.delay:
@@ -58,6 +60,23 @@ def test_full_batch_runs_without_waiting_for_the_delay():
     for i, r in enumerate(res):  # each caller gets exactly its own rows back
         np.testing.assert_array_equal(r["sum"], np.full(2, 4.0 * i))
         assert r["first"].shape == (2, 2)
+
+
+def test_a_batch_that_fills_up_during_the_delay_runs_at_once():
+    async def main():
+        m = Model()
+        q = BatchQueue(m, max_batch_size=4, max_delay_s=5.0)
+        t0 = time.perf_counter()
+        first = q.submit(x_of(1, 1))
+        await asyncio.sleep(0.1)  # the runner now holds one row, waiting up to 5 s for more
+        rest = q.submit(x_of(3, 2))
+        await asyncio.gather(first, rest)
+        elapsed = time.perf_counter() - t0
+        await q.close()
+        return m, elapsed
+
+    m, elapsed = run(main())
+    assert m.calls == [4] and elapsed < 1.0, (m.calls, elapsed)
 
 
 def test_delay_counts_from_the_oldest_request():
@@ -212,3 +231,94 @@ def test_settings_come_from_hgvae_environment(monkeypatch):
     assert (s.port, s.max_delay_ms, s.host) == (50999, 2.5, "127.0.0.1")
     assert s.models == ["a=models:/x@champion", "/tmp/m.onnx"]
     assert ServerSettings(port=1).port == 1  # explicit values (CLI flags) win
+
+
+def test_workers_run_batches_in_parallel():
+    """Two runners: two batches are inside predict at the same time (the service uses both cores)."""
+
+    class Barrier(Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inside = threading.Barrier(2, timeout=5)
+
+        def __call__(self, x, outputs):
+            self.inside.wait()  # raises BrokenBarrierError unless a second run is in flight at once
+            return super().__call__(x, outputs)
+
+    async def main():
+        m = Barrier()
+        q = BatchQueue(m, max_batch_size=4, max_delay_s=0.0, workers=2)
+        res = await asyncio.gather(*(q.predict(x_of(4, i)) for i in range(2)))
+        await q.close()
+        return m, res
+
+    m, res = run(main())
+    assert sorted(m.calls) == [4, 4]
+    assert [r["sum"][0] for r in res] == [0.0, 4.0]
+
+
+def test_idle_workers_share_the_queue_and_a_busy_queue_gives_full_batches():
+    async def main():
+        m = Model()
+        m.gate.clear()
+        q = BatchQueue(m, max_batch_size=8, max_delay_s=0.0, workers=2)
+        futs = [q.submit(x_of(1, i)) for i in range(4)]  # both runners idle: they share the 4 rows
+        await asyncio.sleep(0.05)
+        more = [q.submit(x_of(1, i)) for i in range(20)]  # both runners busy: full batches of 8 wait
+        m.gate.set()
+        res = await asyncio.gather(*futs, *more)
+        await q.close()
+        return m, res, q
+
+    m, res, q = run(main())
+    # 2 + 2 usually; 1 + 3 (or 1 + 1, the rest later) when a runner wakes before all four are queued
+    assert max(m.entered[:2]) < 4, m.entered
+    assert m.entered[2:4] == [8, 8] and sum(m.entered) == 24, m.entered
+    assert [r["sum"][0] for r in res] == [4.0 * i for i in range(4)] + [4.0 * i for i in range(20)]
+    assert q.queued_rows == 0
+
+
+def test_a_dead_runner_fails_the_queue_instead_of_hanging():
+    async def main():
+        m = Model()
+        q = BatchQueue(m, max_batch_size=4, max_delay_s=0.0)
+        q._run_batch = lambda batch: (_ for _ in ()).throw(SystemExit("runner killed"))  # escapes `except Exception`
+        first = q.submit(x_of(1, 0))
+        with pytest.raises(NotReady, match="runner failed"):
+            await asyncio.wait_for(first, 2)
+        await asyncio.sleep(0.05)
+        with pytest.raises(NotReady):
+            q.submit(x_of(1, 0))
+        await asyncio.wait_for(q.close(), 2)
+
+    run(main())
+
+
+def test_runner_and_thread_plan(monkeypatch):
+    """Auto: one single-threaded run per core on CPU, one run on CUDA; explicit values split the cores."""
+    from service import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    cpu, gpu = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert (runtime.serving_workers(0, 0, cpu), runtime.serving_threads(0, 0)) == (8, 1)
+    assert (runtime.serving_workers(0, 0, gpu), runtime.serving_threads(0, 0)) == (1, 1)
+    assert (runtime.serving_workers(2, 0, cpu), runtime.serving_threads(2, 0)) == (2, 4)
+    assert (runtime.serving_workers(0, 4, cpu), runtime.serving_threads(0, 4)) == (2, 4)
+    assert (runtime.serving_workers(3, 3, cpu), runtime.serving_threads(3, 3)) == (3, 3)
+
+
+def test_container_cpu_limit_caps_the_cores(tmp_path):
+    from service.runtime import cgroup_cpu_limit
+
+    assert cgroup_cpu_limit(tmp_path) is None  # no cgroup files: unlimited
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs -> 2 runners
+    assert cgroup_cpu_limit(tmp_path) == 2
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    assert cgroup_cpu_limit(tmp_path) == 4

@@ -154,6 +154,14 @@ def test_model_info(client, store):
     assert [m["name"] for m in client.list_models()] == ["hgvae"]
 
 
+def test_one_runner_per_core_by_default(server):
+    from service.runtime import usable_cores
+
+    served = server.server.models.current["hgvae"]
+    assert served.batcher.workers == usable_cores() and served.model.intra_op_threads == 1
+    assert len({t.name for t in served.batcher._threads if t.is_alive()}) == usable_cores()
+
+
 def test_reflection_lists_services(server):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 

@@ -40,7 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--served-model", default="", help="with --server: the served model name (default: by lattice size)")
     p.add_argument("--outputs", help="comma-separated subset of output names (default: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="lattices per chunk (memory stays flat)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="lattices per chunk = per onnxruntime call or request (memory stays flat); on CPU small is fast: "
+        "benchmarks/batch_scoring.py measured 16 and 64 alike and 256 10-50%% slower for the L=32 HG-VAE",
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI for --model")
     p.add_argument("--token-env", metavar="VAR", help="with --server: bearer token from this environment variable")
     p.add_argument("--tls-ca", help="with --server: PEM root certificate to verify a TLS server")
