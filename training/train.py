@@ -418,7 +418,8 @@ def train_model(
             _, _, a, b = model(th)
             return a, b
 
-        cal = anomaly.calibrate(forward, ds.angles[va][cal_i], L, seed=seed)
+        cal_t = None if va_t is None else va_t[cal_i]  # nominal temperatures: the score's second table
+        cal = anomaly.calibrate(forward, ds.angles[va][cal_i], L, temperature=cal_t, seed=seed)
         graph = ScoringGraph(model, cal)
         test_angles = ds.angles[va][test_i]
         test_t = va_t[test_i] if va_t is not None else None
