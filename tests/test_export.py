@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from hgvae.contract import TEMPERATURE_INPUT
 from training import physics
 from training.anomaly import Calibration, calibrate
-from hgvae.contract import TEMPERATURE_INPUT
 from training.export import INPUT_NAME, OUTPUT_NAMES, ScoringGraph, export_onnx, output_differences, run_onnx
 from training.model import XYVAE, ModelConfig
 from training.train import Hyper, fit, tiny_dataset

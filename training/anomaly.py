@@ -24,8 +24,9 @@ energy per site stands in: β = 1/T̂(e) and the tables are indexed by e. Both t
 
 Combination: each statistic's evidence is standardised by its normal mean/spread at τ (T or e) — for
 the scans, of its lattice maximum — the map is per site the largest of these (for Λ: the mixture
-restricted to the windows covering the site), global evidence floors the map, and the score is the
-largest value z-scored once more against normal data at τ.
+restricted to the windows covering the site), and the score is the largest of the map, Λ and the
+global statistics, z-scored once more against normal data at τ. The map carries the local evidence
+only (a lattice-wide anomaly raises the score, not the map), in the score's units.
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ def neg_log_tail(u: torch.Tensor) -> torch.Tensor:
     r = 1.0 / hi.square()
     large = 0.5 * hi.square() + torch.log(hi) + 0.5 * math.log(TWO_PI) - torch.log(1.0 - r + 3.0 * r * r - 15.0 * r**3)
     return torch.where(u < 3.0, small, large)
+
+
+def tail_to_z(nlp: torch.Tensor) -> torch.Tensor:
+    """The normal quantile z with P(N(0,1) > z) = exp(−nlp) (Abramowitz & Stegun 26.2.23, |error| < 5e-4),
+    so a combined tail probability reads on the familiar z scale (and does not have a log-p tail)."""
+
+    def upper(t: torch.Tensor) -> torch.Tensor:
+        return t - (2.515517 + t * (0.802853 + t * 0.010328)) / (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
+
+    x = nlp.clamp(min=1e-6)
+    t_hi = torch.sqrt(2.0 * x.clamp(min=math.log(2.0)))  # p ≤ ½
+    q = (1.0 - torch.exp(-x.clamp(max=math.log(2.0)))).clamp(min=1e-12)  # 1 − p for p > ½
+    t_lo = torch.sqrt(-2.0 * torch.log(q))
+    return torch.where(x >= math.log(2.0), upper(t_hi), -upper(t_lo))
 
 
 def window_specs(lattice_size: int) -> list[tuple[str, int, int]]:
@@ -398,11 +413,16 @@ class AnomalyHead(nn.Module):
         w_lr, w_other = math.log(LR_SHARE), math.log((1.0 - LR_SHARE) / (ns + ng))
         e_big = neg_log_tail((big - m_lr) / s_lr) + w_lr
         e_lr_site = neg_log_tail((self._lr_site(lam) - m_lr[:, None, None]) / s_lr[:, None, None]) + w_lr
-        local_site = torch.maximum(e_lr_site, neg_log_tail(self._scan_site(u_scan)) + w_other)
-        site = torch.maximum(local_site, neg_log_tail(u_glob)[:, None, None] + w_other)  # global floor
-        raw = torch.maximum(site.amax(dim=(-2, -1)), e_big)
-        score = (raw - w @ table.max_mean) / (w @ table.max_std)
-        return score, site, local_site
+        site = torch.maximum(e_lr_site, neg_log_tail(self._scan_site(u_scan)) + w_other)
+        e_glob = neg_log_tail(u_glob) + w_other
+        raw = tail_to_z(torch.maximum(torch.maximum(site.amax(dim=(-2, -1)), e_big), e_glob))
+        # The map in the score's units: a site's value is the score the local evidence covering it would
+        # give alone. Lattice-wide evidence (noise everywhere, a frozen lattice) shows in the score only:
+        # flooring the map with it would erase the place of a local defect.
+        mm, ms = w @ table.max_mean, w @ table.max_std
+        score = (raw - mm) / ms
+        site = (tail_to_z(site) - mm[:, None, None]) / ms[:, None, None]
+        return score, site, site
 
     def _both(
         self,
@@ -443,7 +463,7 @@ class AnomalyHead(nn.Module):
         energy: torch.Tensor,
         temperature: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The local part of the map alone (where in the lattice the evidence sits)."""
+        """The map (local evidence only; kept for callers of the earlier API where the map had a global floor)."""
         return self._both(theta, theta_hat, sigma, energy, temperature)[2]
 
 

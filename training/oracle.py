@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from training.anomaly import _bonds
+from training.anomaly import _bonds, log_i0
 from training.anomaly import window_bonds as anomaly_window_bonds
 from training.defects import auroc
 
@@ -167,7 +167,14 @@ def log_patch_partition(
 
 
 def scan_oracle_statistics(
-    kind: str, angles: np.ndarray, temperature: float, k: int, seed: int = 0, phi: float = math.pi / 2
+    kind: str,
+    angles: np.ndarray,
+    temperature: float,
+    k: int,
+    seed: int = 0,
+    phi: float = math.pi / 2,
+    copies: int = 1,
+    angle_known: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(λ normal, λ defective) of the oracle that knows T, k and the kind but NOT the place.
 
@@ -175,10 +182,15 @@ def scan_oracle_statistics(
     λ = log (1/L²) Σ_a exp(λ_a): the best any detector can do for a defect at an unknown place, the
     realistic ceiling for a production line. For a dead patch λ_a drops log Z_P (see module doc: a
     near-exact approximation, the spread of log Z_P over boundaries is ~0.2 at T = 2 for k = 4).
+    `copies` defective copies are made of each configuration (finer AUROC on a small probe).
+    `angle_known=False`: the oracle of a misaligned region does not know φ either (uniform prior), so
+    λ_a = log I₀(β|Z|) − β Re Z — a line knows a region may be misaligned, not by how much.
     """
     rng = np.random.default_rng(seed)
     beta = 1.0 / temperature
     L = angles.shape[-1]
+    normal = angles
+    angles = np.tile(angles, (copies, 1, 1)) if copies > 1 else angles
     n = len(angles)
     ys, xs = rng.integers(0, L, size=n), rng.integers(0, L, size=n)
     if kind == "misaligned":
@@ -189,14 +201,17 @@ def scan_oracle_statistics(
     elif kind == "dead":
         bad = _inject_dead(angles, ys, xs, k, rng)
     elif kind == "stuck":
-        return np.zeros(n), np.ones(n)
+        return np.zeros(len(normal)), np.ones(n)
     else:
         raise ValueError(f"no oracle for kind {kind!r}")
 
     def lam(x: np.ndarray) -> np.ndarray:
         ci, re, im = window_bonds(torch.as_tensor(x, dtype=torch.float64), k)
-        mis = beta * (re * math.cos(phi) + im * math.sin(phi) - re)
+        if angle_known:
+            mis = beta * (re * math.cos(phi) + im * math.sin(phi) - re)
+        else:
+            mis = log_i0(beta * torch.sqrt(re.square() + im.square())) - beta * re
         per = mis if kind == "misaligned" else -beta * (ci + re)
         return (torch.logsumexp(per.flatten(1), dim=1) - math.log(L * L)).numpy()
 
-    return lam(angles), lam(bad)
+    return lam(normal), lam(bad)
