@@ -53,9 +53,13 @@ def test_special_functions_match_references() -> None:
     x = torch.linspace(0, 800, 20001, dtype=torch.float64)
     ref = torch.log(torch.special.i0e(x)) + x
     assert float((log_i0(x) - ref).abs().max()) < 1e-5
-    p = np.array([0.9, 0.5, 0.1, 1e-3, 1e-8, 1e-30])
+    p = np.array([0.5, 0.1, 1e-3, 1e-8, 1e-30])
     z = tail_to_z(torch.tensor(-np.log(p)))
     np.testing.assert_allclose(z.numpy(), norm.isf(p), atol=1e-3)
+    # Below z = 0 (no evidence) a linear continuation: monotonic, continuous, no blow-up as p → 1.
+    nlp = torch.linspace(-3, 3, 601, dtype=torch.float64)
+    zz = tail_to_z(nlp)
+    assert bool(torch.all(zz[1:] > zz[:-1])) and float(zz.diff().max()) < 0.02
 
 
 def test_oracle_bound_is_physics_not_modelling() -> None:

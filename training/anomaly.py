@@ -66,17 +66,16 @@ def neg_log_tail(u: torch.Tensor) -> torch.Tensor:
 
 
 def tail_to_z(nlp: torch.Tensor) -> torch.Tensor:
-    """The normal quantile z with P(N(0,1) > z) = exp(−nlp) (Abramowitz & Stegun 26.2.23, |error| < 5e-4),
-    so a combined tail probability reads on the familiar z scale (and does not have a log-p tail)."""
+    """The normal quantile z with P(N(0,1) > z) = exp(−nlp) (Abramowitz & Stegun 26.2.23, |error| < 5e-4)
+    for p ≤ ½, so a combined tail probability reads on the familiar z scale (without a log-p tail).
 
-    def upper(t: torch.Tensor) -> torch.Tensor:
-        return t - (2.515517 + t * (0.802853 + t * 0.010328)) / (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
-
-    x = nlp.clamp(min=1e-6)
-    t_hi = torch.sqrt(2.0 * x.clamp(min=math.log(2.0)))  # p ≤ ½
-    q = (1.0 - torch.exp(-x.clamp(max=math.log(2.0)))).clamp(min=1e-12)  # 1 − p for p > ½
-    t_lo = torch.sqrt(-2.0 * torch.log(q))
-    return torch.where(x >= math.log(2.0), upper(t_hi), -upper(t_lo))
+    Below z = 0 (p > ½: no evidence) it continues linearly with the same slope: the exact quantile's
+    slope grows without bound as p → 1 and would turn float32 rounding into visible differences.
+    """
+    t = torch.sqrt(2.0 * nlp.clamp(min=math.log(2.0)))
+    upper = t - (2.515517 + t * (0.802853 + t * 0.010328)) / (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
+    slope = 0.5 / math.sqrt(1.0 / TWO_PI) * 1.0  # dz/d(nlp) at p = ½: p / φ(0)
+    return torch.where(nlp >= math.log(2.0), upper, slope * (nlp - math.log(2.0)))
 
 
 def window_specs(lattice_size: int) -> list[tuple[str, int, int]]:
@@ -154,27 +153,50 @@ def log_i0(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x <= 3.75, small, large)
 
 
+def log_i0e(x: torch.Tensor) -> torch.Tensor:
+    """log I₀(x) − x for x ≥ 0 without forming the large x (float32: no cancellation at low T)."""
+    xs = x.clamp(max=3.75)
+    t = (xs / 3.75).square()
+    small = torch.log(
+        1.0 + t * (3.5156229 + t * (3.0899424 + t * (1.2067492 + t * (0.2659732 + t * (0.0360768 + t * 0.0045813)))))
+    ) - xs
+    xl = x.clamp(min=3.75)
+    u = 3.75 / xl
+    poly = 0.39894228 + u * (0.01328592 + u * (0.00225319 + u * (-0.00157565 + u * (0.00916281 + u * (
+        -0.02057706 + u * (0.02635537 + u * (-0.01647633 + u * 0.00392377)))))))  # fmt: skip
+    return torch.where(x <= 3.75, small, -0.5 * torch.log(xl) + torch.log(poly))
+
+
 def lr_parts(theta: torch.Tensor, specs: list[tuple[str, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """β-free parts of the likelihood-ratio windows, each [B, S_lr, L, L] (anchor = top-left corner):
-    (a, b) with λ = −β·a for lr_dead (a = S, the bond cos-sum) and λ = log I₀(β·b) − β·a for lr_ring
-    (a = Re Z, b = |Z|)."""
-    bonds = _bonds(theta)
+    (a, b) with λ = β·a (+ log I₀(β·b) − β·b for lr_ring) + offset.
+
+    lr_dead: a = D = Σ (1 − cos Δ) over the bonds touching the window (−β S up to a constant);
+    lr_ring: a = |Z| − Re Z, b = |Z|, so λ = log I₀(β|Z|) − β Re Z up to a constant.
+    Written in 1 − cos Δ = 2 sin²(Δ/2) and Im Z² / (|Z| + Re Z): at T = 0.1, β S ~ 4000 and float32
+    would lose the O(1) likelihood ratio to cancellation.
+    """
+    dx, dy = physics.bond_differences(theta)
+    bonds = (2.0 * torch.sin(0.5 * dx).square(), torch.sin(dx), 2.0 * torch.sin(0.5 * dy).square(), torch.sin(dy))
     A, Bm = [], []
     for kind, h, w in specs:
-        c_int, re, im = window_bonds(bonds, h, w)
+        d_int, d_ring, im = window_bonds(bonds, h, w)  # with 1 − cos in place of cos
         if kind == "lr_dead":
-            A.append(c_int + re)
-            Bm.append(torch.zeros_like(re))
+            A.append(d_int + d_ring)
+            Bm.append(torch.zeros_like(d_ring))
         else:
-            A.append(re)
-            Bm.append(torch.sqrt(re.square() + im.square() + 1e-12))
+            re = 2.0 * (h + w) - d_ring
+            mod = torch.sqrt(re.square() + im.square() + 1e-12)
+            gap = torch.where(re > 0, im.square() / (mod + re.clamp(min=0.0) + 1e-12), mod - re)
+            A.append(gap)
+            Bm.append(mod)
     return torch.stack(A, dim=1), torch.stack(Bm, dim=1)
 
 
 def lr_values(a: torch.Tensor, b: torch.Tensor, ring: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """λ without offsets [B, S_lr, L, L]; `ring` [S_lr] bool, `beta` [B]."""
     bt = beta[:, None, None, None]
-    return torch.where(ring[None, :, None, None], log_i0(bt * b), torch.zeros_like(b)) - bt * a
+    return torch.where(ring[None, :, None, None], log_i0e(bt * b), torch.zeros_like(b)) + bt * a
 
 
 def _logmeanexp(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

@@ -215,3 +215,20 @@ def scan_oracle_statistics(
         return (torch.logsumexp(per.flatten(1), dim=1) - math.log(L * L)).numpy()
 
     return lam(normal), lam(bad)
+
+
+def binormal_auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
+    """Φ((μ_a − μ_n)/√(σ_a² + σ_n²)): a smooth AUROC estimate from means and spreads.
+
+    On a small probe (16 normals per T) the rank AUROC of the oracle saturates at 1.000 where the truth
+    is 0.996; the binormal form does not saturate and, on the oracle's right-skewed normal λ, errs low
+    (measured on 256 normals per T: 0.994 where the rank AUROC is 0.998), so a cell it calls detectable
+    is detectable.
+    """
+    from scipy.stats import norm
+
+    d = float(np.mean(anomalous) - np.mean(normal))
+    s = float(np.sqrt(np.var(normal) + np.var(anomalous)))
+    if s == 0.0:
+        return 1.0 if d > 0 else (0.5 if d == 0 else 0.0)
+    return float(norm.cdf(d / s))

@@ -10,7 +10,8 @@ Gates (all evaluated on the registered artifact with onnxruntime, no torch neede
   reaches 0.999 (training/defects.detectable_patch), the graph gets the nominal temperature (as a
   line would send it), and only the temperatures where the oracle that does not know the place
   (training/oracle.scan_oracle_statistics, on the same probe; for a misaligned region it does not
-  know the angle either) reaches `oracle_min` are gated. At
+  know the angle either) reaches `oracle_min` are gated — its AUROC taken in the binormal form
+  (oracle.binormal_auroc), which errs low where 16 normals per T make the rank AUROC saturate. At
   high T a dead or rotated region of that size is simply not there in the data, for any model; those
   cells are reported, not gated. A refusal lists every failing kind × T with the oracle beside it.
 """
@@ -150,7 +151,7 @@ def anomaly_gate(model: str | Path, angles: np.ndarray, temps: np.ndarray, th: d
                 lam_n, lam_a = oracle.scan_oracle_statistics(
                     kind, angles[sel], float(t), k, seed=seed, copies=GATE_COPIES, angle_known=False
                 )
-                bound = defects.auroc(lam_n, lam_a)
+                bound = oracle.binormal_auroc(lam_n, lam_a)
             else:  # no temperatures in the probe: no oracle, gate every cell
                 bound = 1.0
             cells.append((kind, k, float(t), ours, bound))
