@@ -105,13 +105,26 @@ def is_lr(spec: tuple[str, int, int]) -> bool:
 
 
 def box_sum(f: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """S[y, x] = Σ_{0≤i<h, 0≤j<w} f[y+i, x+j] on the torus (window anchored at its top-left corner)."""
+    """S[..., y, x] = Σ_{0≤i<h, 0≤j<w} f[..., y+i, x+j] on the torus (window anchored at its top-left corner).
+
+    Cumulative sums over a circularly padded copy: exact in float64 and exportable (onnxruntime has
+    no float64 AveragePool).
+    """
     if h == 0 or w == 0:
         return torch.zeros_like(f)
     if h == 1 and w == 1:
         return f
-    fp = F.pad(f.unsqueeze(1), (0, w - 1, 0, h - 1), mode="circular")
-    return F.avg_pool2d(fp, (h, w), stride=1).squeeze(1) * float(h * w)
+    ny, nx = f.shape[-2], f.shape[-1]
+    squeeze = f.dim() == 3
+    g = f.unsqueeze(1) if squeeze else f
+    g = F.pad(g, (0, w - 1, 0, h - 1), mode="circular")
+    if h > 1:
+        c = torch.cumsum(g, dim=-2)
+        g = torch.cat([c[..., h - 1 : h, :], c[..., h:, :] - c[..., : ny - 1, :]], dim=-2)
+    if w > 1:
+        c = torch.cumsum(g, dim=-1)
+        g = torch.cat([c[..., w - 1 : w], c[..., w:] - c[..., : nx - 1]], dim=-1)
+    return g.squeeze(1) if squeeze else g
 
 
 def _at(f: torch.Tensor, oy: int, ox: int) -> torch.Tensor:
@@ -361,7 +374,7 @@ class _TableModule(nn.Module):
         self.grid_lo, self.grid_step = float(table.grid_lo), float(table.grid_step)
         self.n_grid = int(table.t_grid.shape[0])
         for name in _ARRAYS:
-            self.register_buffer(name, torch.as_tensor(np.asarray(getattr(table, name), dtype=np.float32)))
+            self.register_buffer(name, torch.as_tensor(np.asarray(getattr(table, name), dtype=np.float64)))
         two = torch.tensor([f not in ONE_SIDED_GLOBAL for f in GLOBAL_FEATURES], dtype=torch.bool)
         self.register_buffer("two_sided", two)
 
@@ -422,7 +435,7 @@ class AnomalyHead(nn.Module):
         for (h, w), idx in zip(self.lr_shapes, self.lr_index, strict=True):
             s = e[:, idx].sum(dim=1, keepdim=True)
             if h > 1 or w > 1:  # a site is covered by the anchors up to h−1, w−1 before it
-                s = F.avg_pool2d(F.pad(s, (w - 1, 0, h - 1, 0), mode="circular"), (h, w), stride=1) * float(h * w)
+                s = torch.roll(box_sum(s, h, w), shifts=(h - 1, w - 1), dims=(-2, -1))
             total = total + s
         n = lam.shape[1] * lam.shape[2] * lam.shape[3]
         return (torch.log(total.clamp(min=1e-30)) + m - math.log(n))[:, 0]
@@ -461,6 +474,25 @@ class AnomalyHead(nn.Module):
         return score, site, site
 
     def _both(
+        self,
+        theta: torch.Tensor,
+        theta_hat: torch.Tensor,
+        sigma: torch.Tensor,
+        energy: torch.Tensor,
+        temperature: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The head runs in float64 (inside the ONNX graph too) and returns the caller's dtype: z-scores of
+        # lattice means with spreads ~0.01 and likelihood ratios ~10³ at low T turned float32 rounding into
+        # 1e-4 differences between torch and onnxruntime. The cost is small next to the network.
+        out_dtype = theta.dtype
+        theta, theta_hat, sigma = (v.to(torch.float64) for v in (theta, theta_hat, sigma))
+        # The energy is recomputed here in float64 (the argument stays for the API): the energy-indexed
+        # tables are steep at low T, and a float32 energy moved the score by ~1e-4 between runtimes.
+        energy = physics.energy_per_site(theta)
+        score, site, local_site = self._both64(theta, theta_hat, sigma, energy, temperature)
+        return score.to(out_dtype), site.to(out_dtype), local_site.to(out_dtype)
+
+    def _both64(
         self,
         theta: torch.Tensor,
         theta_hat: torch.Tensor,
@@ -572,7 +604,7 @@ def _fit_table(
     scan_specs = [s for s in specs if not is_lr(s)]
     ring = torch.tensor([s[0] == "lr_ring" for s in specs if is_lr(s)], dtype=torch.bool)
     hw = hat_weights(torch.as_tensor(tau, dtype=torch.float64), lo, step, n_grid)
-    beta = (1.0 / (hw @ torch.as_tensor(t_grid)).clamp(min=T_MIN)).to(torch.float32)
+    beta = 1.0 / (hw @ torch.as_tensor(t_grid, dtype=torch.float64)).clamp(min=T_MIN)
     # Offsets c_w: E_normal[exp(λ_w + c_w)] = 1 at each τ (a kernel-weighted log-mean-exp).
     ell = torch.cat([_logmeanexp(lr_values(xb.a, xb.b, ring, beta[sl]), (2, 3)) for sl, xb in _batches(x, n)])
     wts = torch.as_tensor(_kernel_weights(tau, grid, width))
@@ -588,7 +620,7 @@ def _fit_table(
         max_mean=np.zeros(n_grid, np.float32), max_std=np.ones(n_grid, np.float32),
     )  # fmt: skip
     # Second pass: every group's normal level (scan maxima of z, global z, Λ), then the raw score.
-    t = torch.as_tensor(tau, dtype=torch.float32)
+    t = torch.as_tensor(tau, dtype=torch.float64)
     head = AnomalyHead(Calibration(lattice_size, table, None, 0, specs))
     levels = []
     for sl, xb in _batches(x, n):
@@ -637,6 +669,7 @@ def calibrate(
     for i in range(0, len(fit_idx), batch):
         th = torch.as_tensor(np.asarray(angles[fit_idx[i : i + batch]], dtype=np.float32))
         th_hat, sig = forward(th)
+        th, th_hat, sig = th.double(), th_hat.double(), sig.double()  # as the head computes
         a, b = lr_parts(th, lr_specs)
         parts.append((a, b, scan_statistics(th, th_hat, sig, scan_specs), global_statistics(th, th_hat, sig)))
         energies.append(physics.energy_per_site(th).numpy())
