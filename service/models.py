@@ -25,7 +25,7 @@ from typing import Any
 
 from service.batching import BatchQueue
 from service.errors import ModelLoadError, ModelNotFound, NotReady
-from service.runtime import OnnxModel
+from service.runtime import OnnxModel, serving_threads, serving_workers
 
 log = logging.getLogger("hgvae.service.models")
 
@@ -183,7 +183,8 @@ class BatchConfig:
     max_delay_s: float = 0.001
     max_queue_rows: int = 16384
     device: str = "auto"
-    intra_op_threads: int = 0
+    intra_op_threads: int = 0  # 0: auto (runtime.serving_threads)
+    workers: int = 0  # 0: auto (runtime.serving_workers)
 
 
 class ModelManager:
@@ -213,13 +214,14 @@ class ModelManager:
     def _load_sync(self, src: ModelSource, version: str | None) -> OnnxModel:
         version = version or self.resolver.current_version(src)
         path = self.resolver.fetch(src, version)
+        threads = serving_threads(self.config.workers, self.config.intra_op_threads)
         model = OnnxModel(
             path,
             src.name,
             version,
             src.uri,
             device=self.config.device,
-            intra_op_threads=self.config.intra_op_threads,
+            intra_op_threads=threads,
             warmup_rows=min(self.config.max_batch_size or CPU_BATCH, 64),
         )
         model.load()
@@ -236,6 +238,18 @@ class ModelManager:
             self.config.max_queue_rows,
             on_batch=on_batch,
             name=src.name,
+            workers=serving_workers(self.config.workers, self.config.intra_op_threads, model.provider),
+        )
+        log.info(
+            "batching",
+            extra={
+                "model": src.name,
+                "version": model.version,
+                "max_batch": batcher.max_batch_size,
+                "max_delay_ms": self.config.max_delay_s * 1000,
+                "workers": batcher.workers,
+                "intra_op_threads": model.intra_op_threads,
+            },
         )
         return ServedModel(model, batcher, src)
 

@@ -92,6 +92,7 @@ class ScoringServer:
             settings.max_queue_rows,
             settings.device,
             settings.intra_op_threads,
+            settings.workers,
         )
         self.models = ModelManager(
             sources,

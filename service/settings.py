@@ -56,8 +56,13 @@ class ServerSettings(BaseSettings):
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
     """auto: the CUDA provider when it can actually load, else CPU. cuda: fail if it cannot."""
 
+    workers: int = Field(0, ge=0)
+    """Concurrent onnxruntime runs per model (runner threads sharing one session, like Triton's instance
+    count). 0 = auto: one per CPU core (divided by intra_op_threads) on the CPU provider, 1 on CUDA."""
+
     intra_op_threads: int = Field(0, ge=0)
-    """onnxruntime intra-op threads per model; 0 = half the CPU cores (at least 1)."""
+    """onnxruntime intra-op threads per run. 0 = auto: 1 when workers is auto (one single-threaded run per
+    core gives the most lattices/s), else the cores divided among the workers."""
 
     auth_token: str | None = None
     """If set, every RPC except health must carry `authorization: Bearer <token>` (UNAUTHENTICATED otherwise)."""

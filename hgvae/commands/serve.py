@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll-interval", type=float, help="seconds between registry polls for alias moves (10)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the local store)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="onnxruntime provider choice (auto)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads per model (0 = half the cores)")
+    p.add_argument(
+        "--workers", type=int, help="concurrent onnxruntime runs per model (0 = auto: one per core on CPU, 1 on CUDA)"
+    )
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads per run (0 = auto: 1 with auto workers)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS only (needs --tls-key)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--grace", type=float, help="seconds in-flight requests get on SIGTERM (10)")
@@ -62,6 +65,7 @@ def build_settings(args: argparse.Namespace) -> object:
         "tracking_uri": args.tracking_uri,
         "device": args.device,
         "intra_op_threads": args.threads,
+        "workers": args.workers,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "grace_s": args.grace,
