@@ -80,15 +80,23 @@ def _check_outputs(outputs: Sequence[str] | None) -> list[str]:
 
 
 def build_request(
-    lattices: Any, model: str = "", version: str | int = "", outputs: Sequence[str] | None = None, request_id: str = ""
+    lattices: Any,
+    model: str = "",
+    version: str | int = "",
+    outputs: Sequence[str] | None = None,
+    request_id: str = "",
+    temperature: Any = None,
 ) -> pb.ScoreRequest:
+    """`temperature`: None (unknown), one nominal temperature, or one per lattice."""
     x = as_lattices(lattices)
+    temps = [] if temperature is None else np.asarray(temperature, dtype=np.float32).reshape(-1).tolist()
     return pb.ScoreRequest(
         model=model,
         version=str(version),
         request_id=request_id,
         outputs=_check_outputs(outputs),
         lattices=pb.Tensor(shape=x.shape, dtype="float32", data=x.tobytes()),
+        temperature=temps,
     )
 
 
@@ -176,8 +184,9 @@ class ScoringClient:
         version: str | int = "",
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
+        temperature: Any = None,
     ) -> ScoreResult:
-        request = build_request(lattices, model, version, outputs)
+        request = build_request(lattices, model, version, outputs, temperature=temperature)
         try:
             resp = self._stub.Score(request, timeout=self._t(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -192,6 +201,7 @@ class ScoringClient:
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
         raise_errors: bool = True,
+        temperature: Any = None,
     ) -> Iterator[ScoreResult]:
         """One ScoreStream: every item of `batches` is a [n, L, L] batch; results come back in order.
 
@@ -199,7 +209,9 @@ class ScoringClient:
         `timeout` bounds the whole stream (default: none).
         """
         outputs = _check_outputs(outputs)
-        requests = (build_request(b, model, version, outputs, str(i)) for i, b in zip(itertools.count(), batches))
+        requests = (
+            build_request(b, model, version, outputs, str(i), temperature) for i, b in zip(itertools.count(), batches)
+        )
         try:
             for resp in self._stub.ScoreStream(requests, timeout=timeout, metadata=self._metadata):
                 result = parse_response(resp)
@@ -274,8 +286,9 @@ class AsyncScoringClient:
         version: str | int = "",
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
+        temperature: Any = None,
     ) -> ScoreResult:
-        request = build_request(lattices, model, version, outputs)
+        request = build_request(lattices, model, version, outputs, temperature=temperature)
         try:
             resp = await self._stub.Score(request, timeout=self._t(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -290,6 +303,7 @@ class AsyncScoringClient:
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
         raise_errors: bool = True,
+        temperature: Any = None,
     ) -> AsyncIterator[ScoreResult]:
         outputs = _check_outputs(outputs)
 
@@ -297,11 +311,11 @@ class AsyncScoringClient:
             i = 0
             if isinstance(batches, AsyncIterable):
                 async for b in batches:
-                    yield build_request(b, model, version, outputs, str(i))
+                    yield build_request(b, model, version, outputs, str(i), temperature)
                     i += 1
             else:
                 for b in batches:
-                    yield build_request(b, model, version, outputs, str(i))
+                    yield build_request(b, model, version, outputs, str(i), temperature)
                     i += 1
 
         try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hgvae.contract import INPUT_NAME
+from hgvae.contract import INPUT_NAME, TEMPERATURE_INPUT
 from service.errors import InvalidInput, ModelLoadError
 
 log = logging.getLogger("hgvae.service.runtime")
@@ -182,6 +182,7 @@ class OnnxModel:
         self.name, self.version, self.source = name, version, source or str(path)
         self.device, self.intra_op_threads, self.warmup_rows = device, intra_op_threads, warmup_rows
         self.ready = False
+        self.takes_temperature = False
         self._session: Any = None
         self.metadata: ModelMetadata | None = None
         self.provider = ""
@@ -194,6 +195,8 @@ class OnnxModel:
         self._session = create_session(self.path, self.device, self.intra_op_threads)
         self.provider = self._session.get_providers()[0]
         self.metadata = read_metadata(self._session, self.path)
+        # The optional nominal-temperature input is an overridable initializer (absent in older graphs).
+        self.takes_temperature = TEMPERATURE_INPUT in {i.name for i in self._session.get_overridable_initializers()}
         names = self.metadata.output_names
         # Warm-up: first runs allocate arenas and pick kernels; do it before health says SERVING.
         L = self.metadata.lattice_size
@@ -226,12 +229,20 @@ class OnnxModel:
             raise InvalidInput(f"unknown output(s) {unknown}; this model has {list(self.metadata.output_names)}")
         return tuple(dict.fromkeys(outputs))  # de-duplicated, order kept
 
-    def predict(self, lattice: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the graph on float32 [n, L, L]; returns the requested outputs (all when None)."""
+    def predict(
+        self, lattice: np.ndarray, outputs: Sequence[str] | None = None, temperature: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the graph on float32 [n, L, L]; returns the requested outputs (all when None).
+
+        `temperature` float32 [1] or [n] feeds the graph's optional input; a graph without it (older
+        models) ignores it."""
         if self._session is None:
             raise ModelLoadError(f"model {self.name} version {self.version} is not loaded")
         names = self.check_outputs(outputs)
-        result = self._session.run(list(names), {INPUT_NAME: lattice})
+        feed = {INPUT_NAME: lattice}
+        if temperature is not None and self.takes_temperature:
+            feed[TEMPERATURE_INPUT] = np.ascontiguousarray(temperature, dtype=np.float32)
+        result = self._session.run(list(names), feed)
         return dict(zip(names, result, strict=True))
 
     def unload(self) -> None:

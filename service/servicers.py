@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hgvae.contract import INPUT_NAME
+from hgvae.contract import INPUT_NAME, TEMPERATURE_INPUT
 from service.dataplane import DataPlane, decode_lattices
 from service.errors import InvalidInput, ModelNotFound, ServiceError
 from service.gen import grpc_predict_v2_pb2 as v2
@@ -104,6 +104,19 @@ def model_info(served: ServedModel) -> pb.ModelInfo:
     )
 
 
+def _v2_fp32(inp: Any, raw: bytes | None) -> bytes:
+    """The little-endian float32 bytes of one V2 input (raw_input_contents or fp32_contents)."""
+    if inp.datatype != "FP32":
+        raise InvalidInput(f"input {inp.name!r} must have datatype FP32, got {inp.datatype!r}")
+    if raw is not None:
+        return raw
+    c = inp.contents
+    others = [f.name for f, _ in c.ListFields() if f.name != "fp32_contents"]
+    if others:
+        raise InvalidInput(f"FP32 input carries {others}; use fp32_contents or raw_input_contents")
+    return np.asarray(c.fp32_contents, dtype="<f4").tobytes()
+
+
 class ScoringServicer(pb_grpc.ScoringServiceServicer):
     def __init__(self, dataplane: DataPlane, metrics: Metrics) -> None:
         self.dp, self.metrics = dataplane, metrics
@@ -111,7 +124,8 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
     async def _score(self, request: pb.ScoreRequest, timeout: float | None) -> pb.ScoreResponse:
         t = request.lattices
         x = decode_lattices(t.shape, t.data, t.dtype, self.dp.max_request_rows)
-        res = await self.dp.infer(request.model, request.version, x, list(request.outputs), timeout)
+        temps = np.asarray(request.temperature, dtype=np.float32) if len(request.temperature) else None
+        res = await self.dp.infer(request.model, request.version, x, list(request.outputs), timeout, temps)
         return pb.ScoreResponse(
             model=res.model,
             version=res.version,
@@ -255,26 +269,21 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             raise ModelNotFound(
                 f"model {request.model_name!r} is not served; served models: {sorted(self.dp.models.sources)}"
             )
-        if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
+        names = [i.name for i in request.inputs]
+        # "lattice", optionally followed by the nominal "temperature" (FP32 [batch] or [1]).
+        if not names or names[0] != INPUT_NAME or names[1:] not in ([], [TEMPERATURE_INPUT]):
             raise InvalidInput(
-                f"expected exactly one input named {INPUT_NAME!r}, got {[i.name for i in request.inputs]}"
+                f"expected an input named {INPUT_NAME!r} (and optionally {TEMPERATURE_INPUT!r}), got {names}"
             )
+        if request.raw_input_contents and len(request.raw_input_contents) != len(names):
+            raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents entries for {len(names)} inputs")
+        blobs = [_v2_fp32(inp, request.raw_input_contents[k] if request.raw_input_contents else None)
+                 for k, inp in enumerate(request.inputs)]  # fmt: skip
         inp = request.inputs[0]
-        if inp.datatype != "FP32":
-            raise InvalidInput(f"input {INPUT_NAME!r} must have datatype FP32, got {inp.datatype!r}")
-        if request.raw_input_contents:
-            if len(request.raw_input_contents) != 1:
-                raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents entries for 1 input")
-            data = request.raw_input_contents[0]
-        else:
-            c = inp.contents
-            others = [f.name for f, _ in c.ListFields() if f.name != "fp32_contents"]
-            if others:
-                raise InvalidInput(f"FP32 input carries {others}; use fp32_contents or raw_input_contents")
-            data = np.asarray(c.fp32_contents, dtype="<f4").tobytes()
-        x = decode_lattices(inp.shape, data, "float32", self.dp.max_request_rows)
+        x = decode_lattices(inp.shape, blobs[0], "float32", self.dp.max_request_rows)
+        temps = np.frombuffer(blobs[1], dtype="<f4").astype(np.float32) if len(blobs) > 1 else None
         outputs = [o.name for o in request.outputs]
-        res = await self.dp.infer(request.model_name, request.model_version, x, outputs, _timeout(context))
+        res = await self.dp.infer(request.model_name, request.model_version, x, outputs, _timeout(context), temps)
         response = v2.ModelInferResponse(model_name=res.model, model_version=res.version, id=request.id)
         for name, arr in res.outputs.items():
             dtype = _DTYPE_NAMES.get(arr.dtype.char) or arr.dtype.name
