@@ -46,6 +46,7 @@ from training.defects import EXTRA_KINDS, NAMED_KINDS, auroc, inject  # noqa: F4
 
 TWO_PI = 2.0 * math.pi
 FROZEN_EPS = 1e-3  # rad: thermal bonds almost never agree this closely; stuck sensors agree exactly
+FROZEN_FREE = 2.0  # frozen bonds per window that are still thermal (see scan_statistics)
 GLOBAL_FEATURES = ("energy", "magnetization", "diag", "jx", "jy", "vortex", "resid")
 ONE_SIDED_GLOBAL = ("resid",)  # the rest are |z|: either direction is suspicious given T
 T_MIN = 0.05  # floor of a temperature estimate (β = 1/T)
@@ -240,8 +241,14 @@ def scan_statistics(
     ).to(theta.dtype)
     out = []
     for kind, h, w in specs:
-        src = resid if kind == "resid" else frozen
-        out.append(box_sum(src, h, w) / (h * w))
+        if kind == "resid":
+            out.append(box_sum(resid, h, w) / (h * w))
+        else:
+            # Frozen bonds beyond the first FROZEN_FREE in a window: one or two thermal bonds within 1e-3
+            # rad happen (~2 per lattice at L = 32), three in one 2×2 window essentially never, and a
+            # stuck patch freezes all of them. Counting single ones made rare normal lattices look
+            # like z ≈ 30 wherever the calibration had seen no frozen bond at that temperature.
+            out.append(torch.relu(box_sum(frozen, h, w) - FROZEN_FREE) / (h * w))
     return torch.stack(out, dim=1)
 
 
