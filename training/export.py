@@ -184,6 +184,7 @@ def run_onnx(
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3  # the optional `temperature` input makes onnxruntime warn at every load
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     temps = _temperature_array(temperature, len(angles))
     parts = []
