@@ -213,23 +213,31 @@ def score_file(
     return {"configurations": n, "outputs": sorted([*outputs, *small]), "path": str(output_path)}
 
 
-def local_scorer(model: Any, outputs: Sequence[str] | None) -> ScoreFn:
-    """Score chunks with an in-process service.runtime.OnnxModel."""
+def local_scorer(model: Any, outputs: Sequence[str] | None, temperature: float | None = None) -> ScoreFn:
+    """Score chunks with an in-process service.runtime.OnnxModel (`temperature`: one nominal T for all)."""
+    temps = None if temperature is None else np.asarray([temperature], dtype=np.float32)
 
     def run(chunks: Iterator[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for x in chunks:
-            yield model.predict(x, outputs)
+            yield model.predict(x, outputs) if temps is None else model.predict(x, outputs, temps)
 
     return run
 
 
 def remote_scorer(
-    client: Any, outputs: Sequence[str] | None, model: str = "", version: str = "", timeout: float | None = None
+    client: Any,
+    outputs: Sequence[str] | None,
+    model: str = "",
+    version: str = "",
+    timeout: float | None = None,
+    temperature: float | None = None,
 ) -> ScoreFn:
     """Score chunks through one ScoreStream (pipelined: the server works while the next chunk travels)."""
 
     def run(chunks: Iterator[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for result in client.score_stream(chunks, model=model, version=version, outputs=outputs, timeout=timeout):
+        for result in client.score_stream(
+            chunks, model=model, version=version, outputs=outputs, timeout=timeout, temperature=temperature
+        ):
             yield result.outputs
 
     return run

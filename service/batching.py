@@ -35,7 +35,9 @@ from service.errors import NotReady, ResourceExhausted
 
 log = logging.getLogger("hgvae.service.batching")
 
-Predict = Callable[[np.ndarray, Sequence[str] | None], dict[str, np.ndarray]]
+# predict(lattice, outputs) or, when some request in the batch carries one, predict(lattice, outputs,
+# temperature) with temperature float32 [rows] (NaN for the requests that gave none).
+Predict = Callable[..., dict[str, np.ndarray]]
 
 
 class BatchSplitError(RuntimeError):
@@ -48,6 +50,7 @@ class _Pending:
     outputs: tuple[str, ...] | None
     future: asyncio.Future
     enqueued: float
+    temperature: np.ndarray | None = None  # float32 [1] or [rows]; None = unknown
 
     @property
     def rows(self) -> int:
@@ -95,11 +98,13 @@ class BatchQueue:
         return self._queued_rows
 
     # ---- event loop side -----------------------------------------------------------------------
-    def submit(self, lattice: np.ndarray, outputs: Sequence[str] | None = None) -> asyncio.Future:
+    def submit(
+        self, lattice: np.ndarray, outputs: Sequence[str] | None = None, temperature: np.ndarray | None = None
+    ) -> asyncio.Future:
         """Enqueue without awaiting (so a caller that picked this model cannot race a swap); await the result."""
         rows = int(lattice.shape[0])
         fut = self._loop.create_future()
-        item = _Pending(lattice, tuple(outputs) if outputs else None, fut, time.perf_counter())
+        item = _Pending(lattice, tuple(outputs) if outputs else None, fut, time.perf_counter(), temperature)
         with self._cond:
             if self._closing:
                 raise NotReady(f"model {self.name} is being unloaded; retry")
@@ -116,8 +121,10 @@ class BatchQueue:
                 self._cond.notify()
         return fut
 
-    async def predict(self, lattice: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        return await self.submit(lattice, outputs)
+    async def predict(
+        self, lattice: np.ndarray, outputs: Sequence[str] | None = None, temperature: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        return await self.submit(lattice, outputs, temperature)
 
     def _deliver(
         self, batch: list[_Pending], results: list[dict[str, np.ndarray]] | None, exc: BaseException | None
@@ -230,7 +237,18 @@ class BatchQueue:
         else:
             wanted = tuple(dict.fromkeys(name for item in batch for name in item.outputs or ()))
         x = batch[0].lattice if len(batch) == 1 else np.concatenate([item.lattice for item in batch])
-        out = self._predict(x, wanted)
+        if any(item.temperature is not None for item in batch):
+            temps = np.concatenate(
+                [
+                    np.broadcast_to(
+                        item.temperature if item.temperature is not None else np.float32(np.nan), (item.rows,)
+                    ).astype(np.float32)
+                    for item in batch
+                ]
+            )
+            out = self._predict(x, wanted, temps)
+        else:
+            out = self._predict(x, wanted)
         for name, arr in out.items():
             if arr.ndim == 0 or arr.shape[0] != total:
                 raise BatchSplitError(

@@ -80,15 +80,23 @@ def _check_outputs(outputs: Sequence[str] | None) -> list[str]:
 
 
 def build_request(
-    lattices: Any, model: str = "", version: str | int = "", outputs: Sequence[str] | None = None, request_id: str = ""
+    lattices: Any,
+    model: str = "",
+    version: str | int = "",
+    outputs: Sequence[str] | None = None,
+    request_id: str = "",
+    temperature: Any = None,
 ) -> pb.ScoreRequest:
+    """`temperature`: None (unknown), one nominal temperature, or one per lattice."""
     x = as_lattices(lattices)
+    temps = [] if temperature is None else np.asarray(temperature, dtype=np.float32).reshape(-1).tolist()
     return pb.ScoreRequest(
         model=model,
         version=str(version),
         request_id=request_id,
         outputs=_check_outputs(outputs),
         lattices=pb.Tensor(shape=x.shape, dtype="float32", data=x.tobytes()),
+        temperature=temps,
     )
 
 
@@ -161,9 +169,9 @@ class _Converter:
         return {"timeout": self.timeout if timeout is None and default else timeout, "metadata": self.metadata}
 
     def stream_request(
-        self, i: int, lattices: Any, model: str, version: str | int, outputs: list[str]
+        self, i: int, lattices: Any, model: str, version: str | int, outputs: list[str], temperature: Any = None
     ) -> pb.ScoreRequest:
-        return build_request(lattices, model, version, outputs, str(i))
+        return build_request(lattices, model, version, outputs, str(i), temperature)
 
     @staticmethod
     def stream_result(resp: pb.ScoreResponse, raise_errors: bool) -> ScoreResult:
@@ -227,8 +235,9 @@ class ScoringClient:
         version: str | int = "",
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
+        temperature: Any = None,
     ) -> ScoreResult:
-        request = build_request(lattices, model, version, outputs)
+        request = build_request(lattices, model, version, outputs, temperature=temperature)
         with _rpc_errors():
             return parse_response(self._stub.Score(request, **self._c.call(timeout)))
 
@@ -240,6 +249,7 @@ class ScoringClient:
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
         raise_errors: bool = True,
+        temperature: Any = None,
     ) -> Iterator[ScoreResult]:
         """One ScoreStream: every item of `batches` is a [n, L, L] batch; results come back in order.
 
@@ -247,7 +257,7 @@ class ScoringClient:
         `timeout` bounds the whole stream (default: none).
         """
         wanted = _check_outputs(outputs)
-        requests = (self._c.stream_request(i, b, model, version, wanted) for i, b in enumerate(batches))
+        requests = (self._c.stream_request(i, b, model, version, wanted, temperature) for i, b in enumerate(batches))
         with _rpc_errors():
             for resp in self._stub.ScoreStream(requests, **self._c.call(timeout, default=False)):
                 yield self._c.stream_result(resp, raise_errors)
@@ -312,8 +322,9 @@ class AsyncScoringClient:
         version: str | int = "",
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
+        temperature: Any = None,
     ) -> ScoreResult:
-        request = build_request(lattices, model, version, outputs)
+        request = build_request(lattices, model, version, outputs, temperature=temperature)
         with _rpc_errors():
             return parse_response(await self._stub.Score(request, **self._c.call(timeout)))
 
@@ -325,6 +336,7 @@ class AsyncScoringClient:
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
         raise_errors: bool = True,
+        temperature: Any = None,
     ) -> AsyncIterator[ScoreResult]:
         wanted = _check_outputs(outputs)
 
@@ -332,11 +344,11 @@ class AsyncScoringClient:
             if isinstance(batches, AsyncIterable):
                 i = 0
                 async for b in batches:
-                    yield self._c.stream_request(i, b, model, version, wanted)
+                    yield self._c.stream_request(i, b, model, version, wanted, temperature)
                     i += 1
             else:
                 for i, b in enumerate(batches):
-                    yield self._c.stream_request(i, b, model, version, wanted)
+                    yield self._c.stream_request(i, b, model, version, wanted, temperature)
 
         with _rpc_errors():
             async for resp in self._stub.ScoreStream(requests(), **self._c.call(timeout, default=False)):

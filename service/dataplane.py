@@ -9,6 +9,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -96,8 +97,11 @@ class DataPlane:
         lattices: np.ndarray,
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
+        temperature: np.ndarray | None = None,
     ) -> InferResult:
-        """Validate, enqueue into the model's micro-batch queue, await the slice of the batch result."""
+        """Validate, enqueue into the model's micro-batch queue, await the slice of the batch result.
+
+        `temperature`: None, or float32 [1] / [n] nominal temperatures (NaN or ≤ 0 = unknown)."""
         lattice_size = int(lattices.shape[-1]) if lattices.ndim == 3 else None
         served = self.models.get(name, version, lattice_size=lattice_size)
         meta = served.model.metadata
@@ -107,9 +111,25 @@ class DataPlane:
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("deadline expired before the request was queued")
         # No await between `get` and `submit`: a concurrent swap cannot strand this request.
-        future = served.batcher.submit(lattices, names)
+        temperature = check_temperature(temperature, int(lattices.shape[0]))
+        future = served.batcher.submit(lattices, names, temperature)
         try:
             result = await (asyncio.wait_for(future, timeout) if timeout is not None else future)
         except TimeoutError:
             raise DeadlineExceeded(f"deadline expired after {timeout:.3f} s while queued or running") from None
         return InferResult(served.source.name, served.version, result)
+
+
+def check_temperature(temperature: Any, rows: int) -> np.ndarray | None:
+    """None, or a float32 array of 1 or `rows` values (NaN / ≤ 0 mean unknown); InvalidInput otherwise."""
+    if temperature is None:
+        return None
+    t = np.asarray(temperature, dtype=np.float32).reshape(-1)
+    if t.size == 0:
+        return None
+    if t.size not in (1, rows):
+        raise InvalidInput(f"temperature has {t.size} values for {rows} lattices (give 1 or {rows})")
+    if np.any(np.isinf(t)):
+        raise InvalidInput("temperature must be finite (NaN or <= 0 mean unknown)")
+    return t
+

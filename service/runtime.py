@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hgvae.contract import INPUT_NAME
+from hgvae.contract import INPUT_NAME, TEMPERATURE_INPUT
 from service.errors import InvalidInput, ModelLoadError
 
 log = logging.getLogger("hgvae.service.runtime")
@@ -116,7 +116,9 @@ def _session_options(intra_op_threads: int, quiet: bool = False) -> Any:
     so.inter_op_num_threads = 1
     # Spinning workers burn the cores that the gRPC event loop needs between runs.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3 if quiet else 2
+    # Errors only: onnxruntime's C++ warnings are not structured log lines, and every hgvae graph since the
+    # optional `temperature` input triggers one at load ("Initializer temperature appears in graph inputs").
+    so.log_severity_level = 3
     return so
 
 
@@ -203,6 +205,7 @@ class OnnxModel:
         self.name, self.version, self.source = name, version, source or str(path)
         self.device, self.intra_op_threads, self.warmup_rows = device, intra_op_threads, warmup_rows
         self.ready = False
+        self.takes_temperature = False
         self._session: Any = None
         self.metadata: ModelMetadata | None = None
         self.provider = ""
@@ -215,6 +218,8 @@ class OnnxModel:
         self._session = create_session(self.path, self.device, self.intra_op_threads)
         self.provider = self._session.get_providers()[0]
         self.metadata = read_metadata(self._session, self.path)
+        # The optional nominal-temperature input is an overridable initializer (absent in older graphs).
+        self.takes_temperature = TEMPERATURE_INPUT in {i.name for i in self._session.get_overridable_initializers()}
         names = self.metadata.output_names
         # Warm-up: first runs allocate arenas and pick kernels; do it before health says SERVING.
         L = self.metadata.lattice_size
@@ -247,12 +252,20 @@ class OnnxModel:
             raise InvalidInput(f"unknown output(s) {unknown}; this model has {list(self.metadata.output_names)}")
         return tuple(dict.fromkeys(outputs))  # de-duplicated, order kept
 
-    def predict(self, lattice: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the graph on float32 [n, L, L]; returns the requested outputs (all when None)."""
+    def predict(
+        self, lattice: np.ndarray, outputs: Sequence[str] | None = None, temperature: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the graph on float32 [n, L, L]; returns the requested outputs (all when None).
+
+        `temperature` float32 [1] or [n] feeds the graph's optional input; a graph without it (older
+        models) ignores it."""
         if self._session is None:
             raise ModelLoadError(f"model {self.name} version {self.version} is not loaded")
         names = self.check_outputs(outputs)
-        result = self._session.run(list(names), {INPUT_NAME: lattice})
+        feed = {INPUT_NAME: lattice}
+        if temperature is not None and self.takes_temperature:
+            feed[TEMPERATURE_INPUT] = np.ascontiguousarray(temperature, dtype=np.float32)
+        result = self._session.run(list(names), feed)
         return dict(zip(names, result, strict=True))
 
     def unload(self) -> None:

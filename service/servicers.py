@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hgvae.contract import INPUT_NAME
+from hgvae.contract import INPUT_NAME, TEMPERATURE_INPUT
 from service.dataplane import DataPlane, decode_lattices
 from service.errors import InvalidInput, ModelNotFound, ServiceError
 from service.gen import grpc_predict_v2_pb2 as v2
@@ -115,7 +115,8 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
         # Request fields -> arguments of DataPlane.infer, all parsed here (a new optional input is one more line).
         t = request.lattices
         x = decode_lattices(t.shape, t.data, t.dtype, self.dp.max_request_rows)
-        res = await self.dp.infer(request.model, request.version, x, list(request.outputs), timeout)
+        temps = np.asarray(request.temperature, dtype=np.float32) if len(request.temperature) else None
+        res = await self.dp.infer(request.model, request.version, x, list(request.outputs), timeout, temps)
         response = pb.ScoreResponse(model=res.model, version=res.version, request_id=request.request_id)
         for name, arr in res.outputs.items():
             fill_tensor(response.outputs[name], arr)
@@ -196,7 +197,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
 
 # V2 inputs this service accepts, name -> datatype. An optional input is one more entry here plus
 # its use in ModelInfer.
-V2_INPUTS = {INPUT_NAME: "FP32"}
+V2_INPUTS = {INPUT_NAME: "FP32", TEMPERATURE_INPUT: "FP32"}
 _V2_TYPED_FIELDS = {"FP32": ("fp32_contents", "<f4")}
 
 
@@ -297,8 +298,14 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"input {INPUT_NAME!r} is required, got {sorted(inputs)}")
         shape, data = inputs[INPUT_NAME]
         x = decode_lattices(shape, data, "float32", self.dp.max_request_rows)
+        temps = None
+        if TEMPERATURE_INPUT in inputs:  # the nominal temperature, FP32 [batch] or [1]
+            t_shape, t_data = inputs[TEMPERATURE_INPUT]
+            if len(t_data) % 4 or len(t_data) // 4 != int(np.prod(t_shape)):
+                raise InvalidInput(f"input {TEMPERATURE_INPUT!r}: {len(t_data)} bytes do not hold FP32 shape {t_shape}")
+            temps = np.frombuffer(t_data, dtype="<f4").astype(np.float32)
         outputs = [o.name for o in request.outputs]
-        res = await self.dp.infer(request.model_name, request.model_version, x, outputs, _timeout(context))
+        res = await self.dp.infer(request.model_name, request.model_version, x, outputs, _timeout(context), temps)
         response = v2.ModelInferResponse(model_name=res.model, model_version=res.version, id=request.id)
         for name, arr in res.outputs.items():
             dtype = _DTYPE_NAMES.get(arr.dtype.char) or arr.dtype.name

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from hgvae.contract import TEMPERATURE_INPUT
 from training import physics
 from training.anomaly import Calibration, calibrate
 from training.export import INPUT_NAME, OUTPUT_NAMES, ScoringGraph, export_onnx, output_differences, run_onnx
@@ -46,12 +47,16 @@ def test_contract_names_shapes_and_dynamic_batch(exported: tuple[ScoringGraph, P
     assert list(OUTPUT_NAMES) == CONTRACT
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
-    assert [i.name for i in proto.graph.input] == [INPUT_NAME]
+    # "temperature" is the optional second input: a graph input with an initializer (default NaN).
+    assert [i.name for i in proto.graph.input] == [INPUT_NAME, TEMPERATURE_INPUT]
+    assert [i.name for i in proto.graph.initializer if i.name == TEMPERATURE_INPUT] == [TEMPERATURE_INPUT]
     assert [o.name for o in proto.graph.output] == CONTRACT
     assert proto.opset_import[0].version >= 17
     dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value  # symbolic batch
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == [INPUT_NAME]  # callers that send only the lattice keep working
+    assert [i.name for i in sess.get_overridable_initializers()] == [TEMPERATURE_INPUT]
     for b in (1, 3, 37):
         out = dict(zip(CONTRACT, sess.run(None, {INPUT_NAME: np.zeros((b, 8, 8), np.float32)}), strict=True))
         assert out["latent_mean"].shape == (b, 32) and out["latent_logvar"].shape == (b, 32)

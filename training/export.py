@@ -1,6 +1,8 @@
 """Export one self-contained ONNX graph: the VAE plus the physics head and the calibrated anomaly score.
 
-Input `lattice` float32 [batch, L, L] (radians, any real value, taken mod 2π). Outputs, in order,
+Input `lattice` float32 [batch, L, L] (radians, any real value, taken mod 2π) and the OPTIONAL input
+`temperature` float32 [batch] or [1] (nominal temperature; an initializer with default NaN, so it may
+be omitted; NaN or ≤ 0 = unknown). Only the anomaly score and map depend on it. Outputs, in order,
 are OUTPUT_NAMES (the contract in design.md). The physics head is computed in-graph from
 training.physics, so the service needs no physics code and gets identical numbers everywhere.
 """
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 import hgvae
-from hgvae.contract import INPUT_NAME, OUTPUT_NAMES
+from hgvae.contract import INPUT_NAME, OUTPUT_NAMES, TEMPERATURE_INPUT
 from training import physics
 from training.anomaly import AnomalyHead, Calibration
 from training.model import XYVAE, wrapped_normal_nll
@@ -39,7 +41,7 @@ class ScoringGraph(nn.Module):
         self.model = model.eval()
         self.anomaly = AnomalyHead(calibration)
 
-    def forward(self, lattice: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, lattice: torch.Tensor, temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         theta = torch.remainder(lattice, TWO_PI)
         mu, logvar = self.model.encode(theta)
         theta_hat, sigma = self.model.decoder(mu)
@@ -47,16 +49,30 @@ class ScoringGraph(nn.Module):
         energy_recon = physics.expected_energy_per_site(theta_hat, sigma)
         nll = wrapped_normal_nll(theta, theta_hat, sigma).mean(dim=(-2, -1))
         vortex = physics.vortex_density(theta)
-        score, amap = self.anomaly(theta, theta_hat, sigma, energy)
+        score, amap = self.anomaly(theta, theta_hat, sigma, energy, temperature)
         return (mu, logvar, theta_hat, sigma, energy, energy_recon, energy_recon - energy, nll, vortex, score, amap)
 
     @torch.no_grad()
-    def score(self, angles: np.ndarray, batch: int = 512) -> dict[str, np.ndarray]:
-        """Run the torch graph on numpy angles; returns {output name: array}."""
+    def score(
+        self, angles: np.ndarray, batch: int = 512, temperature: np.ndarray | float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the torch graph on numpy angles (and nominal temperatures); returns {output name: array}."""
         parts: list[tuple[torch.Tensor, ...]] = []
+        temps = _temperature_array(temperature, len(angles))
         for i in range(0, len(angles), batch):
-            parts.append(self(torch.as_tensor(np.asarray(angles[i : i + batch], dtype=np.float32))))
+            t = None if temps is None else torch.as_tensor(temps if len(temps) == 1 else temps[i : i + batch])
+            parts.append(self(torch.as_tensor(np.asarray(angles[i : i + batch], dtype=np.float32)), t))
         return {name: torch.cat([p[k] for p in parts]).numpy() for k, name in enumerate(OUTPUT_NAMES)}
+
+
+def _temperature_array(temperature: np.ndarray | float | None, n: int) -> np.ndarray | None:
+    """None, a scalar (one nominal T for all) or one value per configuration → float32 [1] or [n]."""
+    if temperature is None:
+        return None
+    t = np.asarray(temperature, dtype=np.float32).reshape(-1)
+    if len(t) not in (1, n):
+        raise ValueError(f"temperature has {len(t)} values for {n} configurations (give 1 or {n})")
+    return t
 
 
 def metadata(graph: ScoringGraph, run_id: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -70,6 +86,7 @@ def metadata(graph: ScoringGraph, run_id: str | None, extra: dict[str, str] | No
         "hgvae.calibration": cal.calibration_json,
         "hgvae.version": hgvae.__version__,
         "hgvae.outputs": ",".join(OUTPUT_NAMES),
+        "hgvae.inputs": f"{INPUT_NAME},{TEMPERATURE_INPUT}?",
         "hgvae.model_config": json.dumps(cfg.to_dict()),
     }
     meta.update(extra or {})
@@ -88,6 +105,7 @@ def export_onnx(
     path = Path(path)
     L = graph.model.cfg.lattice_size
     example = torch.rand(2, L, L) * TWO_PI
+    example_t = torch.tensor([0.5, float("nan")])  # one known, one unknown: both branches stay in the graph
     graph = graph.eval()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -95,16 +113,21 @@ def export_onnx(
         # dynamo exporter also works on torch 2.13 but emits far more nodes for the same model.
         torch.onnx.export(
             graph,
-            (example,),
+            (example, example_t),
             str(raw),
-            input_names=[INPUT_NAME],
+            input_names=[INPUT_NAME, TEMPERATURE_INPUT],
             output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}},
+            dynamic_axes={
+                INPUT_NAME: {0: "batch"},
+                TEMPERATURE_INPUT: {0: "temperature_batch"},  # [batch] or [1]
+                **{n: {0: "batch"} for n in OUTPUT_NAMES},
+            },
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
         )
         proto = onnx.load(str(raw))
+    _make_temperature_optional(proto)
     del proto.metadata_props[:]
     for k, v in metadata(graph, run_id, extra_metadata).items():
         entry = proto.metadata_props.add()
@@ -123,6 +146,25 @@ def export_onnx(
     return path
 
 
+def _make_temperature_optional(proto: Any) -> None:
+    """Give the `temperature` input an initializer (NaN = unknown): an ONNX graph input that also has
+    an initializer is optional, its value the default (onnxruntime: an "overridable initializer")."""
+    import onnx
+    from onnx import numpy_helper
+
+    names = [i.name for i in proto.graph.input]
+    if TEMPERATURE_INPUT not in names:
+        # A calibration without temperatures does not read the input, and the exporter drops an unused
+        # input; declare it anyway so every graph accepts the same feeds (it is then ignored).
+        proto.graph.input.append(
+            onnx.helper.make_tensor_value_info(TEMPERATURE_INPUT, onnx.TensorProto.FLOAT, ["temperature_batch"])
+        )
+    init = numpy_helper.from_array(np.array([np.nan], dtype=np.float32), TEMPERATURE_INPUT)
+    proto.graph.initializer.append(init)
+    # Keep the graph inputs in contract order (lattice first), IR ≥ 4 allows an input with an initializer.
+    proto.ir_version = max(proto.ir_version, onnx.IR_VERSION_2017_11_3)
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     import onnxruntime as ort
 
@@ -130,17 +172,27 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(sess.get_modelmeta().custom_metadata_map)
 
 
-def run_onnx(path: str | os.PathLike, angles: np.ndarray, batch: int = 512) -> dict[str, np.ndarray]:
-    """Score angles with onnxruntime only (no torch needed)."""
+def run_onnx(
+    path: str | os.PathLike,
+    angles: np.ndarray,
+    batch: int = 512,
+    temperature: np.ndarray | float | None = None,
+) -> dict[str, np.ndarray]:
+    """Score angles with onnxruntime only (no torch needed); `temperature` (scalar or per configuration)
+    is fed to the optional input, None leaves it out."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3  # the optional `temperature` input makes onnxruntime warn at every load
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    temps = _temperature_array(temperature, len(angles))
     parts = []
     for i in range(0, len(angles), batch):
-        x = np.ascontiguousarray(angles[i : i + batch], dtype=np.float32)
-        parts.append(sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x}))
+        feed = {INPUT_NAME: np.ascontiguousarray(angles[i : i + batch], dtype=np.float32)}
+        if temps is not None:
+            feed[TEMPERATURE_INPUT] = temps if len(temps) == 1 else temps[i : i + batch]
+        parts.append(sess.run(list(OUTPUT_NAMES), feed))
     return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(OUTPUT_NAMES)}
 
 

@@ -456,7 +456,16 @@ def train_model(
             _, _, a, b = model(th)
             return a, b
 
-        cal = anomaly.calibrate(forward, ds.angles[va][cal_i], L, seed=seed)
+        cal_t = None if va_t is None else va_t[cal_i]  # nominal temperatures: the score's second table
+        # More normal lattices for the fit (not the holdout quantiles): training configurations, up to
+        # ~1M sites (the score's physics statistics do not depend on the model; measured: the residual
+        # ones are not hurt either).
+        n_extra = min(len(tr), max(0, 1_000_000 // (L * L) - len(cal_i)))
+        extra = np.random.default_rng(seed + 2).choice(tr, size=n_extra, replace=False) if n_extra else tr[:0]
+        cal = anomaly.calibrate(
+            forward, ds.angles[va][cal_i], L, temperature=cal_t, seed=seed,
+            extra_angles=ds.angles[extra], extra_temperature=None if temps is None else temps[extra],
+        )  # fmt: skip
         graph = ScoringGraph(model, cal)
         test_angles = ds.angles[va][test_i]
         test_t = va_t[test_i] if va_t is not None else None

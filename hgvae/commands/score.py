@@ -41,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model", default="", help="with --server: the served model name (default: by lattice size)")
     p.add_argument("--outputs", help="comma-separated subset of output names (default: all)")
     p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="nominal temperature of the lattices (the line's set point): the anomaly score is calibrated at "
+        "this T instead of the input's own energy (default: unknown)",
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         default=16,
@@ -66,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if args.temperature is not None and not (args.temperature > 0 and args.temperature < float("inf")):
+        raise UsageError("--temperature must be a positive number (leave it out when unknown)")
     if args.engine == "spark":
+        if args.temperature is not None:
+            raise UsageError("--temperature is not supported with --engine spark yet")
         from service.spark_scoring import run_cli
 
         return run_cli(args)
@@ -80,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     except DatasetError as exc:
         raise UsageError(str(exc)) from None
     progress = not args.no_progress
+    meta_t = {} if args.temperature is None else {"nominal_temperature": args.temperature}
     try:
         if args.server:
             token = os.environ.get(args.token_env, "") if args.token_env else None
@@ -90,10 +102,13 @@ def run(args: argparse.Namespace) -> int:
                 meta = {"server": args.server}
                 if info:
                     meta.update(model=info["name"], version=info["version"], run_id=info["run_id"])
+                meta.update(meta_t)
                 summary = score_file(
                     args.input,
                     args.output,
-                    remote_scorer(client, outputs, args.served_model, timeout=args.timeout),
+                    remote_scorer(
+                        client, outputs, args.served_model, timeout=args.timeout, temperature=args.temperature
+                    ),
                     args.batch_size,
                     args.force,
                     meta,
@@ -102,11 +117,11 @@ def run(args: argparse.Namespace) -> int:
                 )
         else:
             model = _local_model(args.model or "models:/hgvae@champion", args.tracking_uri)
-            meta = {"model": model.source, "version": model.version, "run_id": model.metadata.run_id}
+            meta = {"model": model.source, "version": model.version, "run_id": model.metadata.run_id, **meta_t}
             summary = score_file(
                 args.input,
                 args.output,
-                local_scorer(model, outputs),
+                local_scorer(model, outputs, args.temperature),
                 args.batch_size,
                 args.force,
                 meta,

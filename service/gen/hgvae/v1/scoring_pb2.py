@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hgvae/v1/scoring.proto\x12\x08hgvae.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"w\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x08lattices\x18\x03 \x01(\x0b\x32\x10.hgvae.v1.Tensor\x12\x0f\n\x07outputs\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xdc\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x35\n\x07outputs\x18\x04 \x03(\x0b\x32$.hgvae.v1.ScoreResponse.OutputsEntry\x12\x1e\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x0f.hgvae.v1.Error\x1a@\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.hgvae.v1.Tensor:\x02\x38\x01\"2\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"8\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x98\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x14\n\x0clattice_size\x18\x05 \x01(\x03\x12\x12\n\nmodel_kind\x18\x06 \x01(\t\x12\x12\n\nlatent_dim\x18\x07 \x01(\x03\x12\x0e\n\x06run_id\x18\x08 \x01(\t\x12\x13\n\x0b\x63\x61libration\x18\t \x01(\t\x12$\n\x06inputs\x18\n \x03(\x0b\x32\x14.hgvae.v1.TensorInfo\x12%\n\x07outputs\x18\x0b \x03(\x0b\x32\x14.hgvae.v1.TensorInfo\x12\r\n\x05ready\x18\x0c \x01(\x08\x12\x16\n\x0emax_batch_size\x18\r \x01(\x03\x12\x10\n\x08provider\x18\x0e \x01(\t\x12\x33\n\x08metadata\x18\x0f \x03(\x0b\x32!.hgvae.v1.ModelInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.hgvae.v1.ModelInfo2\xa0\x02\n\x0eScoringService\x12:\n\x05Score\x12\x16.hgvae.v1.ScoreRequest\x1a\x17.hgvae.v1.ScoreResponse\"\x00\x12\x44\n\x0bScoreStream\x12\x16.hgvae.v1.ScoreRequest\x1a\x17.hgvae.v1.ScoreResponse\"\x00(\x01\x30\x01\x12\x41\n\x0cGetModelInfo\x12\x1a.hgvae.v1.ModelInfoRequest\x1a\x13.hgvae.v1.ModelInfo\"\x00\x12I\n\nListModels\x12\x1b.hgvae.v1.ListModelsRequest\x1a\x1c.hgvae.v1.ListModelsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hgvae/v1/scoring.proto\x12\x08hgvae.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8c\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x08lattices\x18\x03 \x01(\x0b\x32\x10.hgvae.v1.Tensor\x12\x0f\n\x07outputs\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0btemperature\x18\x06 \x03(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xdc\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x35\n\x07outputs\x18\x04 \x03(\x0b\x32$.hgvae.v1.ScoreResponse.OutputsEntry\x12\x1e\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x0f.hgvae.v1.Error\x1a@\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.hgvae.v1.Tensor:\x02\x38\x01\"2\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"8\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x98\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x14\n\x0clattice_size\x18\x05 \x01(\x03\x12\x12\n\nmodel_kind\x18\x06 \x01(\t\x12\x12\n\nlatent_dim\x18\x07 \x01(\x03\x12\x0e\n\x06run_id\x18\x08 \x01(\t\x12\x13\n\x0b\x63\x61libration\x18\t \x01(\t\x12$\n\x06inputs\x18\n \x03(\x0b\x32\x14.hgvae.v1.TensorInfo\x12%\n\x07outputs\x18\x0b \x03(\x0b\x32\x14.hgvae.v1.TensorInfo\x12\r\n\x05ready\x18\x0c \x01(\x08\x12\x16\n\x0emax_batch_size\x18\r \x01(\x03\x12\x10\n\x08provider\x18\x0e \x01(\t\x12\x33\n\x08metadata\x18\x0f \x03(\x0b\x32!.hgvae.v1.ModelInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.hgvae.v1.ModelInfo2\xa0\x02\n\x0eScoringService\x12:\n\x05Score\x12\x16.hgvae.v1.ScoreRequest\x1a\x17.hgvae.v1.ScoreResponse\"\x00\x12\x44\n\x0bScoreStream\x12\x16.hgvae.v1.ScoreRequest\x1a\x17.hgvae.v1.ScoreResponse\"\x00(\x01\x30\x01\x12\x41\n\x0cGetModelInfo\x12\x1a.hgvae.v1.ModelInfoRequest\x1a\x13.hgvae.v1.ModelInfo\"\x00\x12I\n\nListModels\x12\x1b.hgvae.v1.ListModelsRequest\x1a\x1c.hgvae.v1.ListModelsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,26 +37,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=36
   _globals['_TENSOR']._serialized_end=88
-  _globals['_SCOREREQUEST']._serialized_start=90
-  _globals['_SCOREREQUEST']._serialized_end=209
-  _globals['_ERROR']._serialized_start=211
-  _globals['_ERROR']._serialized_end=249
-  _globals['_SCORERESPONSE']._serialized_start=252
-  _globals['_SCORERESPONSE']._serialized_end=472
-  _globals['_SCORERESPONSE_OUTPUTSENTRY']._serialized_start=408
-  _globals['_SCORERESPONSE_OUTPUTSENTRY']._serialized_end=472
-  _globals['_MODELINFOREQUEST']._serialized_start=474
-  _globals['_MODELINFOREQUEST']._serialized_end=524
-  _globals['_TENSORINFO']._serialized_start=526
-  _globals['_TENSORINFO']._serialized_end=582
-  _globals['_MODELINFO']._serialized_start=585
-  _globals['_MODELINFO']._serialized_end=993
-  _globals['_MODELINFO_METADATAENTRY']._serialized_start=946
-  _globals['_MODELINFO_METADATAENTRY']._serialized_end=993
-  _globals['_LISTMODELSREQUEST']._serialized_start=995
-  _globals['_LISTMODELSREQUEST']._serialized_end=1014
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1016
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1073
-  _globals['_SCORINGSERVICE']._serialized_start=1076
-  _globals['_SCORINGSERVICE']._serialized_end=1364
+  _globals['_SCOREREQUEST']._serialized_start=91
+  _globals['_SCOREREQUEST']._serialized_end=231
+  _globals['_ERROR']._serialized_start=233
+  _globals['_ERROR']._serialized_end=271
+  _globals['_SCORERESPONSE']._serialized_start=274
+  _globals['_SCORERESPONSE']._serialized_end=494
+  _globals['_SCORERESPONSE_OUTPUTSENTRY']._serialized_start=430
+  _globals['_SCORERESPONSE_OUTPUTSENTRY']._serialized_end=494
+  _globals['_MODELINFOREQUEST']._serialized_start=496
+  _globals['_MODELINFOREQUEST']._serialized_end=546
+  _globals['_TENSORINFO']._serialized_start=548
+  _globals['_TENSORINFO']._serialized_end=604
+  _globals['_MODELINFO']._serialized_start=607
+  _globals['_MODELINFO']._serialized_end=1015
+  _globals['_MODELINFO_METADATAENTRY']._serialized_start=968
+  _globals['_MODELINFO_METADATAENTRY']._serialized_end=1015
+  _globals['_LISTMODELSREQUEST']._serialized_start=1017
+  _globals['_LISTMODELSREQUEST']._serialized_end=1036
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1038
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1095
+  _globals['_SCORINGSERVICE']._serialized_start=1098
+  _globals['_SCORINGSERVICE']._serialized_end=1386
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,196 @@
+"""Anomaly score: physics pieces against references, the oracle bound, and a real model on real Monte Carlo
+data through onnxruntime (AUROC per named kind × T, the optional temperature input, localisation, the
+promotion gate)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from scipy.stats import norm
+
+from hgvae.contract import INPUT_NAME, OUTPUT_NAMES, TEMPERATURE_INPUT
+from training import defects, oracle
+from training.anomaly import _bonds, calibrate, log_i0, tail_to_z, window_bonds
+from training.export import ScoringGraph, export_onnx, output_differences, run_onnx
+from training.model import ModelConfig
+from training.montecarlo import simulate
+from training.registry import DEFAULT_THRESHOLDS, anomaly_gate
+from training.train import Hyper, fit
+
+torch.set_num_threads(1)
+L = 8
+TEMPS = [0.3, 0.5, 0.7]  # where a detectable-size defect on L = 8 is certain for the oracle
+
+
+def test_window_bonds_match_a_brute_force_walk_over_the_bonds() -> None:
+    rng = np.random.default_rng(0)
+    th = rng.uniform(0, 2 * math.pi, (2, 7, 7))
+    for h, w, y0, x0 in [(3, 3, 5, 6), (1, 4, 0, 2), (4, 1, 6, 0), (2, 5, 3, 3)]:
+        ci, re, im = window_bonds(_bonds(torch.tensor(th)), h, w)
+        inside = {((y0 + i) % 7, (x0 + j) % 7) for i in range(h) for j in range(w)}
+        c_int, z = 0.0, 0j
+        for y in range(7):
+            for x in range(7):
+                for y2, x2 in (((y + 1) % 7, x), (y, (x + 1) % 7)):
+                    a, b = (y, x) in inside, (y2, x2) in inside
+                    d = th[1, y, x] - th[1, y2, x2]
+                    if a and b:
+                        c_int += math.cos(d)
+                    elif a:
+                        z += np.exp(1j * d)  # oriented θ_in − θ_out
+                    elif b:
+                        z += np.exp(-1j * d)
+        assert float(ci[1, y0, x0]) == pytest.approx(c_int, abs=1e-9)
+        assert complex(float(re[1, y0, x0]), float(im[1, y0, x0])) == pytest.approx(z, abs=1e-9)
+
+
+def test_special_functions_match_references() -> None:
+    x = torch.linspace(0, 800, 20001, dtype=torch.float64)
+    ref = torch.log(torch.special.i0e(x)) + x
+    assert float((log_i0(x) - ref).abs().max()) < 1e-5
+    p = np.array([0.5, 0.1, 1e-3, 1e-8, 1e-30])
+    z = tail_to_z(torch.tensor(-np.log(p)))
+    np.testing.assert_allclose(z.numpy(), norm.isf(p), atol=1e-3)
+    # Below z = 0 (no evidence) a linear continuation: monotonic, continuous, no blow-up as p → 1.
+    nlp = torch.linspace(-3, 3, 601, dtype=torch.float64)
+    zz = tail_to_z(nlp)
+    assert bool(torch.all(zz[1:] > zz[:-1])) and float(zz.diff().max()) < 0.02
+
+
+def test_oracle_bound_is_physics_not_modelling() -> None:
+    """At T = 2 neighbours are nearly independent: no detector can reach 0.99 on a 4×4 dead patch, even
+    knowing where it is; at low T or with a large patch the oracle separates perfectly."""
+    rng = np.random.default_rng(3)
+    hot = simulate(16, [2.0], 48, seed=3, backend="torch").angles
+    cold = simulate(16, [0.3], 16, seed=4, backend="torch").angles
+    assert oracle.oracle_auroc("dead", hot, 2.0, 4, per_config=8) < 0.985
+    assert oracle.oracle_auroc("misaligned", hot, 2.0, 4, per_config=8) < 0.985
+    assert oracle.oracle_auroc("dead", hot, 2.0, 10, per_config=8) > 0.995
+    assert oracle.oracle_auroc("dead", cold, 0.3, 4) == 1.0
+    assert oracle.oracle_auroc("misaligned", cold, 0.3, 4) == 1.0
+    assert oracle.oracle_auroc("stuck", hot, 2.0, 2) == 1.0
+    # Not knowing the place costs; not knowing the angle costs a little more.
+    scan = defects.auroc(*oracle.scan_oracle_statistics("misaligned", hot, 2.0, 4))
+    no_angle = defects.auroc(*oracle.scan_oracle_statistics("misaligned", hot, 2.0, 4, angle_known=False))
+    assert no_angle <= scan + 0.03 and scan < oracle.oracle_auroc("misaligned", hot, 2.0, 4) + 0.01
+    del rng
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScoringGraph, Path, np.ndarray, np.ndarray]:
+    """A tiny HG-VAE trained on real Monte Carlo configurations, calibrated with their temperatures."""
+    train = simulate(L, TEMPS, 96, seed=1, backend="torch")
+    test = simulate(L, TEMPS, 48, seed=2, backend="torch")
+    cfg = ModelConfig(lattice_size=L, latent_dim=16, width=8)
+    net, _ = fit(train.angles, cfg, Hyper(epochs=3, batch_size=32, latent_dim=16, width=8))
+
+    def forward(th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return net(th)[2:]
+
+    graph = ScoringGraph(net, calibrate(forward, train.angles, L, temperature=train.temperature))
+    path = export_onnx(graph, tmp_path_factory.mktemp("anomaly") / "m.onnx")
+    return graph, path, test.angles, test.temperature
+
+
+def test_auroc_per_named_kind_and_temperature_on_real_data(model) -> None:
+    """The acceptance measurement in small: every named kind at its detectable size, every T, real
+    onnxruntime, with and without the nominal temperature."""
+    _, path, angles, temps = model
+    rng = np.random.default_rng(0)
+    for kind in defects.NAMED_KINDS:
+        k = defects.detectable_patch(kind, L)
+        bad = np.stack([defects.inject(kind, a, rng, k) for a in angles])
+        for feed in (temps, None):
+            sn = run_onnx(path, angles, temperature=feed)["anomaly_score"]
+            sb = run_onnx(path, bad, temperature=feed)["anomaly_score"]
+            for t in TEMPS:
+                sel = np.isclose(temps, t)
+                auc = defects.auroc(sn[sel], sb[sel])
+                assert auc >= 0.99, (kind, k, t, feed is not None, auc)
+
+
+def test_global_symmetries_are_not_anomalies(model) -> None:
+    """The XY model is invariant under a global rotation and under θ → −θ: a sound score is too."""
+    _, path, angles, temps = model
+    base = run_onnx(path, angles, temperature=temps)
+    for shift in (angles + np.float32(1.234), -angles):
+        other = run_onnx(path, shift, temperature=temps)
+        for name in ("energy", "vortex_density"):
+            np.testing.assert_allclose(other[name], base[name], atol=1e-4)
+        auc = defects.auroc(base["anomaly_score"], other["anomaly_score"])
+        assert 0.35 < auc < 0.65, auc  # the model residual may move a little; the physics does not
+
+
+def test_temperature_input_is_optional_and_means_unknown_when_nan_or_not_positive(model) -> None:
+    graph, path, angles, temps = model
+    x = angles[:20]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == [INPUT_NAME]
+    omitted = dict(zip(OUTPUT_NAMES, sess.run(None, {INPUT_NAME: x}), strict=True))
+    for unknown in (np.array([np.nan], np.float32), np.zeros(20, np.float32), np.full(20, -1.0, np.float32)):
+        out = dict(zip(OUTPUT_NAMES, sess.run(None, {INPUT_NAME: x, TEMPERATURE_INPUT: unknown}), strict=True))
+        for n in OUTPUT_NAMES:
+            np.testing.assert_array_equal(out[n], omitted[n])
+    given = run_onnx(path, x, temperature=temps[:20])
+    scalar = run_onnx(path, x[:5], temperature=float(temps[0]))  # one nominal T for a batch: shape [1]
+    np.testing.assert_allclose(scalar["anomaly_score"], given["anomaly_score"][:5], atol=1e-5)
+    assert not np.allclose(given["anomaly_score"], omitted["anomaly_score"])
+    np.testing.assert_array_equal(given["energy"], omitted["energy"])  # only the anomaly outputs depend on T
+    # torch and onnxruntime agree with the temperature given, and with a mixed known/unknown batch.
+    mixed = temps[:20].copy()
+    mixed[::3] = np.nan
+    for feed in (temps[:20], mixed):
+        diffs = output_differences(graph.score(x, temperature=feed), run_onnx(path, x, temperature=feed))
+        assert max(diffs.values()) <= 1e-4, diffs
+
+
+def test_frozen_lattice_at_nominal_temperature_needs_the_temperature(model) -> None:
+    """A T → 0 configuration is a perfectly normal lattice at low T: only the nominal T makes it anomalous."""
+    _, path, angles, temps = model
+    rng = np.random.default_rng(5)
+    hot = np.isclose(temps, TEMPS[-1])
+    frozen = np.stack([defects.inject("frozen", a, rng) for a in angles[hot]])
+    t = temps[hot]
+    sn = run_onnx(path, angles[hot], temperature=t)["anomaly_score"]
+    sf = run_onnx(path, frozen, temperature=t)["anomaly_score"]
+    # L = 8: the energy per site of a normal lattice at T = 0.7 spreads by ~0.09, the frozen one sits ~0.4 below.
+    assert defects.auroc(sn, sf) == 1.0 and float(np.median(sf)) > 3.5
+
+
+def test_map_localises_a_dead_patch_and_reads_like_the_score(model) -> None:
+    _, path, angles, temps = model
+    rng = np.random.default_rng(2)
+    cold = np.isclose(temps, TEMPS[0])
+    normal = angles[cold]
+    bad = np.stack([defects.inject("dead", a, rng, 3) for a in normal])
+    out = run_onnx(path, bad, temperature=temps[cold])
+    changed = np.abs(np.angle(np.exp(1j * (bad - normal)))) > 1e-6
+    hottest = out["anomaly_map"].reshape(len(bad), -1).argmax(1)
+    assert changed.reshape(len(bad), -1)[np.arange(len(bad)), hottest].mean() > 0.9
+    # Same units as the score; the map holds the local evidence only, so it never exceeds the score.
+    assert np.all(out["anomaly_map"].max(axis=(1, 2)) <= out["anomaly_score"] + 1e-3)
+    assert float(np.median(out["anomaly_map"].max(axis=(1, 2)) / out["anomaly_score"])) > 0.7
+
+
+def test_score_is_a_z_score_on_held_out_normal_data(model) -> None:
+    graph, path, angles, temps = model
+    s = run_onnx(path, angles, temperature=temps)["anomaly_score"]
+    assert abs(float(np.median(s))) < 0.6 and 0.4 < float(np.std(s)) < 2.5
+    cal = graph.anomaly.calibration_json
+    assert '"quantiles_given_temperature"' in cal and "z-score" in cal
+
+
+def test_promotion_gate_passes_a_good_model_and_names_failing_cells(model) -> None:
+    _, path, angles, temps = model
+    probe = np.concatenate([angles[np.isclose(temps, t)][:16] for t in TEMPS])
+    probe_t = np.repeat(np.asarray(TEMPS, np.float32), 16)
+    gate = anomaly_gate(path, probe, probe_t, DEFAULT_THRESHOLDS)
+    assert gate.passed, gate.detail
+    assert "3/3 T detectable" in gate.detail
+    strict = anomaly_gate(path, probe, probe_t, {**DEFAULT_THRESHOLDS, "auroc_min": 1.01})
+    assert not strict.passed and "failing:" in strict.detail and "oracle" in strict.detail
