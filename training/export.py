@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -109,23 +110,11 @@ def export_onnx(
     graph = graph.eval()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
-        # The TorchScript exporter gives a compact graph with a symbolic batch dimension here; the
-        # dynamo exporter also works on torch 2.13 but emits far more nodes for the same model.
-        torch.onnx.export(
-            graph,
-            (example, example_t),
-            str(raw),
-            input_names=[INPUT_NAME, TEMPERATURE_INPUT],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={
-                INPUT_NAME: {0: "batch"},
-                TEMPERATURE_INPUT: {0: "temperature_batch"},  # [batch] or [1]
-                **{n: {0: "batch"} for n in OUTPUT_NAMES},
-            },
-            opset_version=OPSET,
-            dynamo=False,
-            do_constant_folding=True,
-        )
+        with warnings.catch_warnings():
+            # The tracer warns where window counts and lattice sizes become Python floats (log n):
+            # those are fixed for a given model, so baking them in as constants is what we want.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            _export(graph, example, example_t, raw)
         proto = onnx.load(str(raw))
     _make_temperature_optional(proto)
     del proto.metadata_props[:]
@@ -226,3 +215,23 @@ def signature_inputs(L: int) -> Any:
     }
     outputs = [TensorSpec(np.dtype(np.float32), shapes.get(n, (-1,)), n) for n in OUTPUT_NAMES]
     return ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, L, L), INPUT_NAME)]), Schema(outputs))
+
+
+def _export(graph: nn.Module, example: torch.Tensor, example_t: torch.Tensor, raw: Path) -> None:
+    # The TorchScript exporter gives a compact graph with a symbolic batch dimension here; the
+    # dynamo exporter also works on torch 2.13 but emits far more nodes for the same model.
+    torch.onnx.export(
+        graph,
+        (example, example_t),
+        str(raw),
+        input_names=[INPUT_NAME, TEMPERATURE_INPUT],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_axes={
+            INPUT_NAME: {0: "batch"},
+            TEMPERATURE_INPUT: {0: "temperature_batch"},  # [batch] or [1]
+            **{n: {0: "batch"} for n in OUTPUT_NAMES},
+        },
+        opset_version=OPSET,
+        dynamo=False,
+        do_constant_folding=True,
+    )
