@@ -390,6 +390,40 @@ class _TableModule(nn.Module):
 
 
 @dataclass
+class _Rows:
+    """The calibration read off at each row's τ ([B, ...], small): lets rows with a nominal temperature and
+    rows without share one evaluation of the (large) window statistics."""
+
+    beta: torch.Tensor
+    lr_offset: torch.Tensor
+    scan_mean: torch.Tensor
+    scan_std: torch.Tensor
+    glob_mean: torch.Tensor
+    glob_std: torch.Tensor
+    group_mean: torch.Tensor
+    group_std: torch.Tensor
+    max_mean: torch.Tensor
+    max_std: torch.Tensor
+
+    @staticmethod
+    def of(table: _TableModule, tau: torch.Tensor) -> _Rows:
+        w = table.weights(tau)
+        return _Rows(
+            1.0 / (w @ table.t_grid).clamp(min=T_MIN),
+            *(w @ getattr(table, k) for k in ("lr_offset", "scan_mean", "scan_std", "glob_mean", "glob_std")),
+            *(w @ getattr(table, k) for k in ("group_mean", "group_std", "max_mean", "max_std")),
+        )
+
+    def where(self, rows: torch.Tensor, other: _Rows) -> _Rows:
+        """self where `rows` [B] is true, else other."""
+        pick = [
+            torch.where(rows.reshape(-1, *([1] * (a.dim() - 1))), a, b)
+            for a, b in zip(vars(self).values(), vars(other).values(), strict=True)
+        ]
+        return _Rows(*pick)
+
+
+@dataclass
 class _Inputs:
     a: torch.Tensor  # likelihood-ratio parts [B, S_lr, L, L]
     b: torch.Tensor
@@ -422,17 +456,16 @@ class AnomalyHead(nn.Module):
         return _Inputs(a, b, scan, global_statistics(theta, theta_hat, sigma))
 
     def levels(
-        self, table: _TableModule, x: _Inputs, tau: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(λ with offsets [B, S_lr, L, L], Λ [B], scan z [B, S_scan, L, L], global z [B, Gf], weights)."""
-        w = table.weights(tau)
-        beta = 1.0 / (w @ table.t_grid).clamp(min=T_MIN)
-        lam = lr_values(x.a, x.b, self.ring, beta) + (w @ table.lr_offset)[:, :, None, None]
+        self, table: _TableModule | _Rows, x: _Inputs, tau: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Rows]:
+        """(λ with offsets [B, S_lr, L, L], Λ [B], scan z [B, S_scan, L, L], global z [B, Gf], rows)."""
+        r = table if isinstance(table, _Rows) else _Rows.of(table, tau)
+        lam = lr_values(x.a, x.b, self.ring, r.beta) + r.lr_offset[:, :, None, None]
         big = _logmeanexp(lam, (1, 2, 3))
-        zs = (x.scan - (w @ table.scan_mean)[:, :, None, None]) / (w @ table.scan_std)[:, :, None, None]
-        gz = (x.glob - w @ table.glob_mean) / (w @ table.glob_std)
-        gz = torch.where(table.two_sided, gz.abs(), gz)
-        return lam, big, zs, gz, w
+        zs = (x.scan - r.scan_mean[:, :, None, None]) / r.scan_std[:, :, None, None]
+        gz = (x.glob - r.glob_mean) / r.glob_std
+        gz = torch.where(self.by_energy.two_sided, gz.abs(), gz)
+        return lam, big, zs, gz, r
 
     def _lr_site(self, lam: torch.Tensor) -> torch.Tensor:
         """log of the mixture restricted to the windows covering each site (same normalisation as Λ)."""
@@ -457,10 +490,10 @@ class AnomalyHead(nn.Module):
         return torch.cat(maps, dim=1).amax(dim=1)
 
     def _evaluate(
-        self, table: _TableModule, x: _Inputs, tau: torch.Tensor
+        self, table: _TableModule | _Rows, x: _Inputs, tau: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lam, big, zs, gz, w = self.levels(table, x, tau)
-        gm, gs = w @ table.group_mean, w @ table.group_std
+        lam, big, zs, gz, r = self.levels(table, x, tau)
+        gm, gs = r.group_mean, r.group_std
         ns, ng = zs.shape[1], gz.shape[1]
         u_scan = (zs - gm[:, :ns, None, None]) / gs[:, :ns, None, None]
         u_glob = ((gz - gm[:, ns : ns + ng]) / gs[:, ns : ns + ng]).amax(dim=1)
@@ -475,7 +508,7 @@ class AnomalyHead(nn.Module):
         # The map in the score's units: a site's value is the score the local evidence covering it would
         # give alone. Lattice-wide evidence (noise everywhere, a frozen lattice) shows in the score only:
         # flooring the map with it would erase the place of a local defect.
-        mm, ms = w @ table.max_mean, w @ table.max_std
+        mm, ms = r.max_mean, r.max_std
         score = (raw - mm) / ms
         site = (tail_to_z(site) - mm[:, None, None]) / ms[:, None, None]
         return score, site, site
@@ -508,15 +541,14 @@ class AnomalyHead(nn.Module):
         temperature: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.inputs(theta, theta_hat, sigma)
-        score, site, local_site = self._evaluate(self.by_energy, x, energy)
-        if temperature is None or self.by_temperature is None:
-            return score, site, local_site
-        t = temperature.to(theta.dtype).reshape(-1).expand(theta.shape[0])
-        known = (t > 0) & ~torch.isnan(t)  # NaN or ≤ 0: unknown → energy-indexed table
-        t_safe = torch.where(known, t, torch.ones_like(t))
-        s_t, site_t, local_t = self._evaluate(self.by_temperature, x, t_safe)
-        k3 = known[:, None, None]
-        return torch.where(known, s_t, score), torch.where(k3, site_t, site), torch.where(k3, local_t, local_site)
+        rows = _Rows.of(self.by_energy, energy)
+        if temperature is not None and self.by_temperature is not None:
+            t = temperature.to(theta.dtype).reshape(-1).expand(theta.shape[0])
+            known = (t > 0) & ~torch.isnan(t)  # NaN or ≤ 0: unknown → energy-indexed table
+            t_safe = torch.where(known, t, torch.ones_like(t))
+            # Pick each row's calibration first, then evaluate the windows once (not once per table).
+            rows = _Rows.of(self.by_temperature, t_safe).where(known, rows)
+        return self._evaluate(rows, x)
 
     def forward(
         self,
