@@ -456,16 +456,15 @@ class AnomalyHead(nn.Module):
         return _Inputs(a, b, scan, global_statistics(theta, theta_hat, sigma))
 
     def levels(
-        self, table: _TableModule | _Rows, x: _Inputs, tau: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Rows]:
-        """(λ with offsets [B, S_lr, L, L], Λ [B], scan z [B, S_scan, L, L], global z [B, Gf], rows)."""
-        r = table if isinstance(table, _Rows) else _Rows.of(table, tau)
+        self, r: _Rows, x: _Inputs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(λ with offsets [B, S_lr, L, L], Λ [B], scan z [B, S_scan, L, L], global z [B, Gf])."""
         lam = lr_values(x.a, x.b, self.ring, r.beta) + r.lr_offset[:, :, None, None]
         big = _logmeanexp(lam, (1, 2, 3))
         zs = (x.scan - r.scan_mean[:, :, None, None]) / r.scan_std[:, :, None, None]
         gz = (x.glob - r.glob_mean) / r.glob_std
         gz = torch.where(self.by_energy.two_sided, gz.abs(), gz)
-        return lam, big, zs, gz, r
+        return lam, big, zs, gz
 
     def _lr_site(self, lam: torch.Tensor) -> torch.Tensor:
         """log of the mixture restricted to the windows covering each site (same normalisation as Λ)."""
@@ -489,10 +488,9 @@ class AnomalyHead(nn.Module):
             maps.append(m)
         return torch.cat(maps, dim=1).amax(dim=1)
 
-    def _evaluate(
-        self, table: _TableModule | _Rows, x: _Inputs, tau: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lam, big, zs, gz, r = self.levels(table, x, tau)
+    def _evaluate(self, r: _Rows, x: _Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score [B], map [B, L, L]) with each row's calibration `r`."""
+        lam, big, zs, gz = self.levels(r, x)
         gm, gs = r.group_mean, r.group_std
         ns, ng = zs.shape[1], gz.shape[1]
         u_scan = (zs - gm[:, :ns, None, None]) / gs[:, :ns, None, None]
@@ -511,44 +509,32 @@ class AnomalyHead(nn.Module):
         mm, ms = r.max_mean, r.max_std
         score = (raw - mm) / ms
         site = (tail_to_z(site) - mm[:, None, None]) / ms[:, None, None]
-        return score, site, site
+        return score, site
 
     def _both(
         self,
         theta: torch.Tensor,
         theta_hat: torch.Tensor,
         sigma: torch.Tensor,
-        energy: torch.Tensor,
         temperature: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # The head runs in float64 (inside the ONNX graph too) and returns the caller's dtype: z-scores of
         # lattice means with spreads ~0.01 and likelihood ratios ~10³ at low T turned float32 rounding into
         # 1e-4 differences between torch and onnxruntime. The cost is small next to the network.
         out_dtype = theta.dtype
         theta, theta_hat, sigma = (v.to(torch.float64) for v in (theta, theta_hat, sigma))
-        # The energy is recomputed here in float64 (the argument stays for the API): the energy-indexed
-        # tables are steep at low T, and a float32 energy moved the score by ~1e-4 between runtimes.
-        energy = physics.energy_per_site(theta)
-        score, site, local_site = self._both64(theta, theta_hat, sigma, energy, temperature)
-        return score.to(out_dtype), site.to(out_dtype), local_site.to(out_dtype)
-
-    def _both64(
-        self,
-        theta: torch.Tensor,
-        theta_hat: torch.Tensor,
-        sigma: torch.Tensor,
-        energy: torch.Tensor,
-        temperature: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.inputs(theta, theta_hat, sigma)
-        rows = _Rows.of(self.by_energy, energy)
+        # The energy is recomputed here in float64 (callers' argument stays for the API): the energy-indexed
+        # tables are steep at low T, and a float32 energy moved the score by ~1e-4 between runtimes.
+        rows = _Rows.of(self.by_energy, physics.energy_per_site(theta))
         if temperature is not None and self.by_temperature is not None:
             t = temperature.to(theta.dtype).reshape(-1).expand(theta.shape[0])
             known = (t > 0) & ~torch.isnan(t)  # NaN or ≤ 0: unknown → energy-indexed table
             t_safe = torch.where(known, t, torch.ones_like(t))
             # Pick each row's calibration first, then evaluate the windows once (not once per table).
             rows = _Rows.of(self.by_temperature, t_safe).where(known, rows)
-        return self._evaluate(rows, x)
+        score, site = self._evaluate(rows, x)
+        return score.to(out_dtype), site.to(out_dtype)
 
     def forward(
         self,
@@ -559,8 +545,7 @@ class AnomalyHead(nn.Module):
         temperature: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(anomaly_score [B], anomaly_map [B, L, L]); `temperature` [B] or [1], NaN/≤ 0 = unknown."""
-        score, site, _ = self._both(theta, theta_hat, sigma, energy, temperature)
-        return score, site
+        return self._both(theta, theta_hat, sigma, temperature)
 
     def local_map(
         self,
@@ -571,7 +556,7 @@ class AnomalyHead(nn.Module):
         temperature: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The map (local evidence only; kept for callers of the earlier API where the map had a global floor)."""
-        return self._both(theta, theta_hat, sigma, energy, temperature)[2]
+        return self._both(theta, theta_hat, sigma, temperature)[1]
 
 
 def _kernel_weights(e: np.ndarray, grid: np.ndarray, width: float) -> np.ndarray:
@@ -663,12 +648,14 @@ def _fit_table(
     head = AnomalyHead(Calibration(lattice_size, table, None, 0, specs))
     levels = []
     for sl, xb in _batches(x, n):
-        _, big, zs, gz, _ = head.levels(head.by_energy, xb, t[sl])
+        _, big, zs, gz = head.levels(_Rows.of(head.by_energy, t[sl]), xb)
         levels.append(torch.cat([zs.amax(dim=(-2, -1)), gz, big[:, None]], dim=1).numpy())
     grm, grs = _kernel_moments(tau, np.concatenate(levels), grid, width)
     table.group_mean, table.group_std = f32(grm), f32(np.maximum(grs, 0.05))
     head = AnomalyHead(Calibration(lattice_size, table, None, 0, specs))
-    raws = np.concatenate([head._evaluate(head.by_energy, xb, t[sl])[0].numpy() for sl, xb in _batches(x, n)])
+    raws = np.concatenate(
+        [head._evaluate(_Rows.of(head.by_energy, t[sl]), xb)[0].numpy() for sl, xb in _batches(x, n)]
+    )
     mm, ms = _kernel_moments(tau, raws[:, None], grid, width)
     table.max_mean = f32(mm[:, 0])
     # The raw score is already in z units; a spread below 0.1 only happens with a handful of normal
