@@ -193,7 +193,22 @@ class _Converter:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
-class ScoringClient:
+class _ClientBase:
+    """What the sync and async clients share besides the converter: the default deadline."""
+
+    _c: _Converter
+
+    @property
+    def timeout(self) -> float | None:
+        """Default deadline (seconds) of every call but streams; None: no deadline."""
+        return self._c.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._c.timeout = value
+
+
+class ScoringClient(_ClientBase):
     """Blocking client. `timeout` (seconds) is the default deadline of every call."""
 
     def __init__(
@@ -209,15 +224,6 @@ class ScoringClient:
         self._stub = pb_grpc.ScoringServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._c = _Converter(metadata, timeout)
-
-    @property
-    def timeout(self) -> float | None:
-        """Default deadline (seconds) of every call but streams; None: no deadline."""
-        return self._c.timeout
-
-    @timeout.setter
-    def timeout(self, value: float | None) -> None:
-        self._c.timeout = value
 
     def __enter__(self) -> ScoringClient:
         return self
@@ -278,7 +284,7 @@ class ScoringClient:
         return self._c.health_status(resp)
 
 
-class AsyncScoringClient:
+class AsyncScoringClient(_ClientBase):
     """The same calls as coroutines (grpc.aio), for asyncio programs."""
 
     def __init__(
@@ -296,15 +302,6 @@ class AsyncScoringClient:
         self._stub = pb_grpc.ScoringServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._c = _Converter(metadata, timeout)
-
-    @property
-    def timeout(self) -> float | None:
-        """Default deadline (seconds) of every call but streams; None: no deadline."""
-        return self._c.timeout
-
-    @timeout.setter
-    def timeout(self, value: float | None) -> None:
-        self._c.timeout = value
 
     async def __aenter__(self) -> AsyncScoringClient:
         return self
