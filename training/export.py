@@ -26,7 +26,7 @@ import hgvae
 from hgvae.contract import INPUT_NAME, OUTPUT_NAMES, TEMPERATURE_INPUT
 from training import physics
 from training.anomaly import AnomalyHead, Calibration
-from training.model import XYVAE, wrapped_normal_nll
+from training.model import XYVAE, ModelConfig, wrapped_normal_nll
 
 TWO_PI = 2.0 * math.pi
 
@@ -159,6 +159,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return dict(sess.get_modelmeta().custom_metadata_map)
+
+
+def scoring_graph_from_onnx(path: str | os.PathLike, calibration: Calibration | None = None) -> ScoringGraph:
+    """Rebuild the torch ScoringGraph of an exported graph: the network's weights are the ONNX initializers
+    named model.*, its config and calibration are in the metadata. Lets a trained model be re-exported
+    with a changed anomaly head (or a new `calibration`) without training it again."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    model = XYVAE(ModelConfig(**json.loads(meta["hgvae.model_config"])))
+    weights = {
+        init.name.removeprefix("model."): torch.as_tensor(numpy_helper.to_array(init).copy())
+        for init in proto.graph.initializer
+        if init.name.startswith("model.")
+    }
+    model.load_state_dict(weights, strict=True)
+    return ScoringGraph(model, calibration or Calibration.from_json(meta["hgvae.calibration"]))
 
 
 def run_onnx(
