@@ -15,7 +15,17 @@ from scipy.stats import norm
 
 from hgvae.contract import INPUT_NAME, OUTPUT_NAMES, TEMPERATURE_INPUT
 from training import defects, oracle
-from training.anomaly import _bonds, calibrate, log_i0, tail_to_z, window_bonds
+from training.anomaly import (
+    AnomalyHead,
+    _bonds,
+    calibrate,
+    log_i0,
+    log_i0e,
+    lr_parts,
+    tail_to_z,
+    window_bonds,
+    window_specs,
+)
 from training.export import ScoringGraph, export_onnx, output_differences, run_onnx
 from training.model import ModelConfig
 from training.montecarlo import simulate
@@ -49,10 +59,50 @@ def test_window_bonds_match_a_brute_force_walk_over_the_bonds() -> None:
         assert complex(float(re[1, y0, x0]), float(im[1, y0, x0])) == pytest.approx(z, abs=1e-9)
 
 
+def test_all_windows_at_once_match_the_per_window_reference() -> None:
+    """lr_parts (every likelihood-ratio window as batched matrix products) against window_bonds, one window
+    at a time: dead windows sum 1 − cos over every bond touching them, ring windows give |Z| − Re Z and |Z|."""
+    n = 12
+    th = torch.tensor(np.random.default_rng(1).uniform(0, 2 * math.pi, (3, n, n)))
+    specs = [s for s in window_specs(n) if s[0].startswith("lr_")]
+    a, b = lr_parts(th, specs)
+    cos_bonds = _bonds(th)
+    n_dead = sum(s[0] == "lr_dead" for s in specs)
+    for i, (kind, h, w) in enumerate(specs):
+        c_int, re, im = window_bonds(cos_bonds, h, w)
+        n_int = h * (w - 1) + (h - 1) * w
+        if kind == "lr_dead":  # Σ (1 − cos) over internal + boundary bonds
+            ref = (n_int - c_int) + (2 * (h + w) - re)
+            torch.testing.assert_close(a[:, i], ref, rtol=0, atol=1e-9)
+        else:
+            mod = torch.sqrt(re**2 + im**2)
+            torch.testing.assert_close(a[:, i], mod - re, rtol=0, atol=1e-9)
+            torch.testing.assert_close(b[:, i - n_dead], mod, rtol=0, atol=1e-9)
+
+
+def test_site_map_mixes_exactly_the_windows_covering_each_site() -> None:
+    n = 12
+    specs = window_specs(n)
+    head = AnomalyHead.__new__(AnomalyHead)  # only the geometry is needed, no calibration
+    torch.nn.Module.__init__(head)
+    head.lattice_size, head.lr_specs = n, [s for s in specs if s[0].startswith("lr_")]
+    for i, (_, h, w) in enumerate(head.lr_specs):
+        y0, x0 = 9, 7  # a window that wraps around both edges for the larger sizes
+        lam = torch.full((1, len(head.lr_specs), n, n), -1e3, dtype=torch.float64)
+        lam[0, i, y0, x0] = 0.0
+        covered = head._lr_site(lam)[0] > -30  # covered: log(1 / n) ≈ −8; elsewhere the 1e-30 floor
+        expect = torch.zeros(n, n, dtype=torch.bool)
+        for dy in range(h):
+            for dx in range(w):
+                expect[(y0 + dy) % n, (x0 + dx) % n] = True
+        assert torch.equal(covered, expect), (h, w)
+
+
 def test_special_functions_match_references() -> None:
     x = torch.linspace(0, 800, 20001, dtype=torch.float64)
     ref = torch.log(torch.special.i0e(x)) + x
     assert float((log_i0(x) - ref).abs().max()) < 1e-5
+    assert float((log_i0e(x) - torch.log(torch.special.i0e(x))).abs().max()) < 1e-5
     p = np.array([0.5, 0.1, 1e-3, 1e-8, 1e-30])
     z = tail_to_z(torch.tensor(-np.log(p)))
     np.testing.assert_allclose(z.numpy(), norm.isf(p), atol=1e-3)

@@ -31,6 +31,7 @@ only (a lattice-wide anomaly raises the score, not the map), in the score's unit
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -105,27 +106,34 @@ def is_lr(spec: tuple[str, int, int]) -> bool:
     return spec[0].startswith("lr_")
 
 
-def box_sum(f: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """S[..., y, x] = Σ_{0≤i<h, 0≤j<w} f[..., y+i, x+j] on the torus (window anchored at its top-left corner).
+@functools.lru_cache(maxsize=512)
+def _band(lattice_size: int, n: int, offset: int = 0, last_sign: float = 1.0, ends_only: bool = False) -> np.ndarray:
+    """[L, L] window matrix on the torus, M[a, i] = 1 where (i − a − offset) mod L ∈ [0, n): row a sums the
+    n entries that start at a + offset. `ends_only`: only the first (+1) and the last (`last_sign`) of them.
 
-    Cumulative sums over a circularly padded copy: exact in float64 and exportable (onnxruntime has
-    no float64 AveragePool).
+    Every window sum of the head is M_rows · f · M_colsᵀ: two matrix products, exact in float64 and a
+    handful of ONNX nodes for all windows at once (the cumulative-sum form cost ~20 nodes per window,
+    and node overhead, not arithmetic, was most of the single-lattice latency).
     """
+    L = lattice_size
+    d = (np.arange(L)[None, :] - np.arange(L)[:, None] - offset) % L
+    if not ends_only:
+        return (d < n).astype(np.float64)
+    return (d == 0).astype(np.float64) + last_sign * (d == n - 1).astype(np.float64)
+
+
+def _mat(m: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(m).to(like.dtype)
+
+
+def box_sum(f: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """S[..., y, x] = Σ_{0≤i<h, 0≤j<w} f[..., y+i, x+j] on the torus (window anchored at its top-left corner)."""
     if h == 0 or w == 0:
         return torch.zeros_like(f)
     if h == 1 and w == 1:
         return f
-    ny, nx = f.shape[-2], f.shape[-1]
-    squeeze = f.dim() == 3
-    g = f.unsqueeze(1) if squeeze else f
-    g = F.pad(g, (0, w - 1, 0, h - 1), mode="circular")
-    if h > 1:
-        c = torch.cumsum(g, dim=-2)
-        g = torch.cat([c[..., h - 1 : h, :], c[..., h:, :] - c[..., : ny - 1, :]], dim=-2)
-    if w > 1:
-        c = torch.cumsum(g, dim=-1)
-        g = torch.cat([c[..., w - 1 : w], c[..., w:] - c[..., : nx - 1]], dim=-1)
-    return g.squeeze(1) if squeeze else g
+    L = int(f.shape[-1])
+    return _mat(_band(L, h), f) @ f @ _mat(_band(L, w).T.copy(), f)
 
 
 def _at(f: torch.Tensor, oy: int, ox: int) -> torch.Tensor:
@@ -174,49 +182,89 @@ def log_i0(x: torch.Tensor) -> torch.Tensor:
 
 
 def log_i0e(x: torch.Tensor) -> torch.Tensor:
-    """log I₀(x) − x for x ≥ 0 without forming the large x (float32: no cancellation at low T)."""
+    """log I₀(x) − x for x ≥ 0 (the same A&S polynomials as `log_i0`) without forming the large x
+    (float32: no cancellation at low T); one log on the merged branches (it runs on every window)."""
     xs = x.clamp(max=3.75)
     t = (xs / 3.75).square()
-    small = torch.log(
+    small = (
         1.0 + t * (3.5156229 + t * (3.0899424 + t * (1.2067492 + t * (0.2659732 + t * (0.0360768 + t * 0.0045813)))))
-    ) - xs
+    ) * torch.exp(-xs)
     xl = x.clamp(min=3.75)
     u = 3.75 / xl
     poly = 0.39894228 + u * (0.01328592 + u * (0.00225319 + u * (-0.00157565 + u * (0.00916281 + u * (
         -0.02057706 + u * (0.02635537 + u * (-0.01647633 + u * 0.00392377)))))))  # fmt: skip
-    return torch.where(x <= 3.75, small, -0.5 * torch.log(xl) + torch.log(poly))
+    return torch.log(torch.where(x <= 3.75, small, poly / torch.sqrt(xl)))
+
+
+def _dead_then_ring(specs: tuple[tuple[str, int, int], ...]) -> int:
+    """Number of lr_dead windows; the lr_ring ones must follow them (one slice each, no gathers in the graph)."""
+    kinds = [k for k, _, _ in specs]
+    n_dead = kinds.count("lr_dead")
+    if kinds != ["lr_dead"] * n_dead + ["lr_ring"] * (len(kinds) - n_dead):
+        raise ValueError(f"likelihood-ratio windows must list every lr_dead before every lr_ring, got {kinds}")
+    return n_dead
+
+
+@functools.lru_cache(maxsize=16)
+def _lr_matrices(lattice_size: int, specs: tuple[tuple[str, int, int], ...]) -> dict[str, np.ndarray]:
+    """Window matrices (see `_band`) of the likelihood-ratio windows, stacked over the windows.
+
+    x-bonds (dx at column x joins x and x + 1): `rows` picks each window's rows; for lr_dead, `dead_x`
+    picks every x-bond touching the window (columns x0 − 1 … x0 + w − 1); for lr_ring, `ring_x`
+    [S_ring, 2, L, L] picks the two boundary columns x0 − 1 and x0 + w − 1, channel 0 as they are (for
+    1 − cos), channel 1 with the sign of θ_in − θ_out (for sin). y-bonds likewise, rows and columns swapped.
+    """
+    L = lattice_size
+    n_dead = _dead_then_ring(specs)
+    dead, ring = specs[:n_dead], specs[n_dead:]
+
+    def ends(n: int, offset: int) -> list[np.ndarray]:
+        return [_band(L, n, offset, 1.0, True), _band(L, n, offset, -1.0, True)]
+
+    return {
+        "rows": np.stack([_band(L, h) for _, h, _ in specs]),
+        "cols": np.stack([_band(L, w).T for _, _, w in specs]),
+        "dead_x": np.stack([_band(L, w + 1, -1).T for _, _, w in dead]).reshape(-1, L, L),
+        "dead_y": np.stack([_band(L, h + 1, -1) for _, h, _ in dead]).reshape(-1, L, L),
+        "ring_x": np.array([[m.T for m in ends(w + 1, -1)] for _, _, w in ring]).reshape(-1, 2, L, L),
+        "ring_y": np.array([ends(h + 1, -1) for _, h, _ in ring]).reshape(-1, 2, L, L),
+        "perimeter": np.array([2.0 * (h + w) for _, h, w in ring]),
+    }
 
 
 def lr_parts(theta: torch.Tensor, specs: list[tuple[str, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """β-free parts of the likelihood-ratio windows, each [B, S_lr, L, L] (anchor = top-left corner):
-    (a, b) with λ = β·a (+ log I₀(β·b) − β·b for lr_ring) + offset.
+    """β-free parts of the likelihood-ratio windows (anchor = top-left corner): a [B, S_lr, L, L] and
+    b [B, S_ring, L, L] (the lr_ring windows, which follow the lr_dead ones), with λ = β·a (+ log I₀(β·b)
+    − β·b for lr_ring) + offset.
 
     lr_dead: a = D = Σ (1 − cos Δ) over the bonds touching the window (−β S up to a constant);
-    lr_ring: a = |Z| − Re Z, b = |Z|, so λ = log I₀(β|Z|) − β Re Z up to a constant.
+    lr_ring: a = |Z| − Re Z, b = |Z|, so λ = log I₀(β|Z|) − β Re Z up to a constant, where
+    Z = Σ_boundary exp(iΔ), Δ = θ_in − θ_out.
     Written in 1 − cos Δ = 2 sin²(Δ/2) and Im Z² / (|Z| + Re Z): at T = 0.1, β S ~ 4000 and float32
-    would lose the O(1) likelihood ratio to cancellation.
+    would lose the O(1) likelihood ratio to cancellation. All windows at once, as batched matrix products
+    (`_lr_matrices`); `window_bonds` is the per-window reference.
     """
+    L, n_dead = int(theta.shape[-1]), _dead_then_ring(tuple(specs))  # constants of a model's graph
+    m = {k: _mat(v, theta) for k, v in _lr_matrices(L, tuple(specs)).items()}
+    rows, cols = m["rows"][:, None], m["cols"][:, None]  # [S, 1, L, L]
     dx, dy = physics.bond_differences(theta)
-    bonds = (2.0 * torch.sin(0.5 * dx).square(), torch.sin(dx), 2.0 * torch.sin(0.5 * dy).square(), torch.sin(dy))
-    A, Bm = [], []
-    for kind, h, w in specs:
-        d_int, d_ring, im = window_bonds(bonds, h, w)  # with 1 − cos in place of cos
-        if kind == "lr_dead":
-            A.append(d_int + d_ring)
-            Bm.append(torch.zeros_like(d_ring))
-        else:
-            re = 2.0 * (h + w) - d_ring
-            mod = torch.sqrt(re.square() + im.square() + 1e-12)
-            gap = torch.where(re > 0, im.square() / (mod + re.clamp(min=0.0) + 1e-12), mod - re)
-            A.append(gap)
-            Bm.append(mod)
-    return torch.stack(A, dim=1), torch.stack(Bm, dim=1)
+    cx, cy = 2.0 * torch.sin(0.5 * dx).square(), 2.0 * torch.sin(0.5 * dy).square()
+    a_dead = (rows[:n_dead, 0] @ cx[:, None]) @ m["dead_x"] + m["dead_y"] @ (cy[:, None] @ cols[:n_dead, 0])
+    fx = torch.stack([cx, torch.sin(dx)], dim=1)[:, None]  # [B, 1, 2, L, L]
+    fy = torch.stack([cy, torch.sin(dy)], dim=1)[:, None]
+    both = (rows[n_dead:] @ fx) @ m["ring_x"] + m["ring_y"] @ (fy @ cols[n_dead:])  # [B, S_ring, 2, L, L]
+    d_ring, im = both[:, :, 0], both[:, :, 1]  # Σ_boundary (1 − cos Δ), Im Z
+    re = m["perimeter"][None, :, None, None] - d_ring
+    mod = torch.sqrt(re.square() + im.square() + 1e-12)
+    gap = torch.where(re > 0, im.square() / (mod + re.clamp(min=0.0) + 1e-12), mod - re)
+    return torch.cat([a_dead, gap], dim=1), mod
 
 
-def lr_values(a: torch.Tensor, b: torch.Tensor, ring: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """λ without offsets [B, S_lr, L, L]; `ring` [S_lr] bool, `beta` [B]."""
+def lr_values(a: torch.Tensor, b: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """λ without offsets [B, S_lr, L, L] from `lr_parts`; `beta` [B]."""
     bt = beta[:, None, None, None]
-    return torch.where(ring[None, :, None, None], log_i0e(bt * b), torch.zeros_like(b)) + bt * a
+    n_dead = a.shape[1] - b.shape[1]
+    return torch.cat([bt * a[:, :n_dead], bt * a[:, n_dead:] + log_i0e(bt * b)], dim=1)
 
 
 def _logmeanexp(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -425,8 +473,8 @@ class _Rows:
 
 @dataclass
 class _Inputs:
-    a: torch.Tensor  # likelihood-ratio parts [B, S_lr, L, L]
-    b: torch.Tensor
+    a: torch.Tensor  # likelihood-ratio parts [B, S_lr, L, L] (see lr_parts)
+    b: torch.Tensor  # [B, S_ring, L, L]
     scan: torch.Tensor  # [B, S_scan, L, L]
     glob: torch.Tensor  # [B, Gf]
 
@@ -443,10 +491,8 @@ class AnomalyHead(nn.Module):
         self.calibration_json = cal.to_json()
         self.by_energy = _TableModule(cal.energy)
         self.by_temperature = _TableModule(cal.temperature) if cal.temperature is not None else None
-        self.register_buffer("ring", torch.tensor([s[0] == "lr_ring" for s in self.lr_specs], dtype=torch.bool))
-        # Windows of one shape share the map dilation (a sum / max over covering anchors).
-        self.lr_shapes = sorted({(h, w) for _, h, w in self.lr_specs})
-        self.lr_index = [[i for i, s in enumerate(self.lr_specs) if (s[1], s[2]) == sh] for sh in self.lr_shapes]
+        _dead_then_ring(tuple(self.lr_specs))
+        # Scan windows of one shape share the map dilation (a max over covering anchors).
         self.scan_shapes = sorted({(h, w) for _, h, w in self.scan_specs})
         self.scan_index = [[i for i, s in enumerate(self.scan_specs) if (s[1], s[2]) == sh] for sh in self.scan_shapes]
 
@@ -459,7 +505,7 @@ class AnomalyHead(nn.Module):
         self, r: _Rows, x: _Inputs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(λ with offsets [B, S_lr, L, L], Λ [B], scan z [B, S_scan, L, L], global z [B, Gf])."""
-        lam = lr_values(x.a, x.b, self.ring, r.beta) + r.lr_offset[:, :, None, None]
+        lam = lr_values(x.a, x.b, r.beta) + r.lr_offset[:, :, None, None]
         big = _logmeanexp(lam, (1, 2, 3))
         zs = (x.scan - r.scan_mean[:, :, None, None]) / r.scan_std[:, :, None, None]
         gz = (x.glob - r.glob_mean) / r.glob_std
@@ -467,24 +513,24 @@ class AnomalyHead(nn.Module):
         return lam, big, zs, gz
 
     def _lr_site(self, lam: torch.Tensor) -> torch.Tensor:
-        """log of the mixture restricted to the windows covering each site (same normalisation as Λ)."""
+        """log of the mixture restricted to the windows covering each site (same normalisation as Λ).
+
+        The anchors covering site y are y − h + 1 … y: the transposed window matrices (`_lr_matrices`)."""
         m = lam.amax(dim=(1, 2, 3), keepdim=True)
         e = torch.exp(lam - m)
-        total = torch.zeros_like(lam[:, 0:1])
-        for (h, w), idx in zip(self.lr_shapes, self.lr_index, strict=True):
-            s = e[:, idx].sum(dim=1, keepdim=True)
-            if h > 1 or w > 1:  # a site is covered by the anchors up to h−1, w−1 before it
-                s = torch.roll(box_sum(s, h, w), shifts=(h - 1, w - 1), dims=(-2, -1))
-            total = total + s
+        mats = _lr_matrices(self.lattice_size, tuple(self.lr_specs))
+        cover = _mat(mats["rows"], lam).transpose(-1, -2) @ e @ _mat(mats["cols"], lam).transpose(-1, -2)
         n = lam.shape[1] * lam.shape[2] * lam.shape[3]
-        return (torch.log(total.clamp(min=1e-30)) + m - math.log(n))[:, 0]
+        return torch.log(cover.sum(dim=1).clamp(min=1e-30)) + m[:, 0] - math.log(n)
 
     def _scan_site(self, u: torch.Tensor) -> torch.Tensor:
         maps = []
         for (h, w), idx in zip(self.scan_shapes, self.scan_index, strict=True):
             m = u[:, idx].amax(dim=1, keepdim=True)
             if h > 1 or w > 1:
-                m = F.max_pool2d(F.pad(m, (w - 1, 0, h - 1, 0), mode="circular"), (h, w), stride=1)
+                # max over the covering anchors; separable (two 1-D pools: h + w compares per site, not h·w)
+                m = F.pad(m, (w - 1, 0, h - 1, 0), mode="circular")
+                m = F.max_pool2d(F.max_pool2d(m, (h, 1), stride=1), (1, w), stride=1)
             maps.append(m)
         return torch.cat(maps, dim=1).amax(dim=1)
 
@@ -626,11 +672,10 @@ def _fit_table(
         t_grid = 4.0 * (np.sqrt(np.clip(grid + 3.0, 1.0, None)) - 1.0)
     t_grid = np.maximum(t_grid, T_MIN)
     scan_specs = [s for s in specs if not is_lr(s)]
-    ring = torch.tensor([s[0] == "lr_ring" for s in specs if is_lr(s)], dtype=torch.bool)
     hw = hat_weights(torch.as_tensor(tau, dtype=torch.float64), lo, step, n_grid)
     beta = 1.0 / (hw @ torch.as_tensor(t_grid, dtype=torch.float64)).clamp(min=T_MIN)
     # Offsets c_w: E_normal[exp(λ_w + c_w)] = 1 at each τ (a kernel-weighted log-mean-exp).
-    ell = torch.cat([_logmeanexp(lr_values(xb.a, xb.b, ring, beta[sl]), (2, 3)) for sl, xb in _batches(x, n)])
+    ell = torch.cat([_logmeanexp(lr_values(xb.a, xb.b, beta[sl]), (2, 3)) for sl, xb in _batches(x, n)])
     wts = torch.as_tensor(_kernel_weights(tau, grid, width))
     offs = -torch.logsumexp(torch.log(wts.clamp(min=1e-300))[:, :, None] + ell.double()[None], dim=1)  # [G, S_lr]
     sm, ss = _kernel_moments(tau, x.scan.numpy(), grid, width)
