@@ -90,7 +90,8 @@ def test_site_map_mixes_exactly_the_windows_covering_each_site() -> None:
         y0, x0 = 9, 7  # a window that wraps around both edges for the larger sizes
         lam = torch.full((1, len(head.lr_specs), n, n), -1e3, dtype=torch.float64)
         lam[0, i, y0, x0] = 0.0
-        covered = head._lr_site(lam)[0] > -30  # covered: log(1 / n) ≈ −8; elsewhere the 1e-30 floor
+        m = lam.amax(dim=(1, 2, 3), keepdim=True)
+        covered = head._lr_site(torch.exp(lam - m), m)[0] > -30  # covered: log(1 / n) ≈ −8; elsewhere the 1e-30 floor
         expect = torch.zeros(n, n, dtype=torch.bool)
         for dy in range(h):
             for dx in range(w):

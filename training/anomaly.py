@@ -256,7 +256,9 @@ def lr_parts(theta: torch.Tensor, specs: list[tuple[str, int, int]]) -> tuple[to
     d_ring, im = both[:, :, 0], both[:, :, 1]  # Σ_boundary (1 − cos Δ), Im Z
     re = m["perimeter"][None, :, None, None] - d_ring
     mod = torch.sqrt(re.square() + im.square() + 1e-12)
-    gap = torch.where(re > 0, im.square() / (mod + re.clamp(min=0.0) + 1e-12), mod - re)
+    # |Z| − Re Z without cancellation when Re Z > 0 (= Im Z² / (|Z| + Re Z)), branch-free (a `where` on
+    # these tensors cost more than the arithmetic): for Re Z ≤ 0 it is Im Z² / (|Z| − Re Z) − 2 Re Z.
+    gap = im.square() / (mod + re.abs() + 1e-12) + 2.0 * torch.relu(-re)
     return torch.cat([a_dead, gap], dim=1), mod
 
 
@@ -264,7 +266,9 @@ def lr_values(a: torch.Tensor, b: torch.Tensor, beta: torch.Tensor) -> torch.Ten
     """λ without offsets [B, S_lr, L, L] from `lr_parts`; `beta` [B]."""
     bt = beta[:, None, None, None]
     n_dead = a.shape[1] - b.shape[1]
-    return torch.cat([bt * a[:, :n_dead], bt * a[:, n_dead:] + log_i0e(bt * b)], dim=1)
+    # log I₀(x) − x is O(1) and smooth: float32 (its fast exp/log kernels) costs it < 1e-6.
+    ring = bt * a[:, n_dead:] + log_i0e((bt * b).float()).to(a.dtype)
+    return torch.cat([bt * a[:, :n_dead], ring], dim=1)
 
 
 def _logmeanexp(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -428,13 +432,17 @@ class _TableModule(nn.Module):
         super().__init__()
         self.grid_lo, self.grid_step = float(table.grid_lo), float(table.grid_step)
         self.n_grid = int(table.t_grid.shape[0])
-        for name in _ARRAYS:
-            self.register_buffer(name, torch.as_tensor(np.asarray(getattr(table, name), dtype=np.float64)))
+        # Every per-τ column side by side: reading a row's calibration is one matrix product (and choosing
+        # between the two tables one `where`), not one node per field.
+        cols = [np.asarray(getattr(table, name), dtype=np.float64).reshape(self.n_grid, -1) for name in _ARRAYS]
+        self.sizes = [c.shape[1] for c in cols]
+        self.register_buffer("packed", torch.as_tensor(np.concatenate(cols, axis=1)))
         two = torch.tensor([f not in ONE_SIDED_GLOBAL for f in GLOBAL_FEATURES], dtype=torch.bool)
         self.register_buffer("two_sided", two)
 
-    def weights(self, tau: torch.Tensor) -> torch.Tensor:
-        return hat_weights(tau, self.grid_lo, self.grid_step, self.n_grid)
+    def read(self, tau: torch.Tensor) -> torch.Tensor:
+        """[B, Σ sizes]: every column interpolated at each row's τ."""
+        return hat_weights(tau, self.grid_lo, self.grid_step, self.n_grid) @ self.packed
 
 
 @dataclass
@@ -454,21 +462,13 @@ class _Rows:
     max_std: torch.Tensor
 
     @staticmethod
-    def of(table: _TableModule, tau: torch.Tensor) -> _Rows:
-        w = table.weights(tau)
-        return _Rows(
-            1.0 / (w @ table.t_grid).clamp(min=T_MIN),
-            *(w @ getattr(table, k) for k in ("lr_offset", "scan_mean", "scan_std", "glob_mean", "glob_std")),
-            *(w @ getattr(table, k) for k in ("group_mean", "group_std", "max_mean", "max_std")),
-        )
+    def unpack(packed: torch.Tensor, sizes: list[int]) -> _Rows:
+        t, *rest, mm, ms = torch.split(packed, sizes, dim=1)  # in the order of _ARRAYS
+        return _Rows(1.0 / t[:, 0].clamp(min=T_MIN), *rest, mm[:, 0], ms[:, 0])
 
-    def where(self, rows: torch.Tensor, other: _Rows) -> _Rows:
-        """self where `rows` [B] is true, else other."""
-        pick = [
-            torch.where(rows.reshape(-1, *([1] * (a.dim() - 1))), a, b)
-            for a, b in zip(vars(self).values(), vars(other).values(), strict=True)
-        ]
-        return _Rows(*pick)
+    @staticmethod
+    def of(table: _TableModule, tau: torch.Tensor) -> _Rows:
+        return _Rows.unpack(table.read(tau), table.sizes)
 
 
 @dataclass
@@ -503,25 +503,31 @@ class AnomalyHead(nn.Module):
 
     def levels(
         self, r: _Rows, x: _Inputs
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(λ with offsets [B, S_lr, L, L], Λ [B], scan z [B, S_scan, L, L], global z [B, Gf])."""
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """((e^(λ − m) [B, S_lr, L, L], m [B, 1, 1, 1]) with λ the offset likelihood ratios and m their
+        lattice maximum, Λ [B], scan z [B, S_scan, L, L], global z [B, Gf])."""
         lam = lr_values(x.a, x.b, r.beta) + r.lr_offset[:, :, None, None]
-        big = _logmeanexp(lam, (1, 2, 3))
+        # Λ = log mean e^λ; the exponentials are kept for the site map (`_lr_site`), not recomputed.
+        m = lam.amax(dim=(1, 2, 3), keepdim=True)
+        # λ − m is exact in float64; its exponential (≤ 1, one term = 1) needs only float32's relative 1e-7,
+        # and float32 exp and matrix products run several times faster in onnxruntime. Floored at e^−80
+        # (normal in float32: denormals run ~5× slower on x86, measured 0.6 ms on a gross defect at L = 32);
+        # up to 10⁵ terms below e^−80 add < 1e-29 to a sum that holds a 1.
+        e = torch.exp((lam - m).clamp(min=-80.0).float())
+        big = torch.log(e.sum(dim=(1, 2, 3)).to(lam.dtype)) + m.flatten() - math.log(lam[0].numel())
         zs = (x.scan - r.scan_mean[:, :, None, None]) / r.scan_std[:, :, None, None]
         gz = (x.glob - r.glob_mean) / r.glob_std
         gz = torch.where(self.by_energy.two_sided, gz.abs(), gz)
-        return lam, big, zs, gz
+        return (e, m), big, zs, gz
 
-    def _lr_site(self, lam: torch.Tensor) -> torch.Tensor:
-        """log of the mixture restricted to the windows covering each site (same normalisation as Λ).
+    def _lr_site(self, e: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """log of the mixture restricted to the windows covering each site (same normalisation as Λ), from
+        `levels`' e^(λ − m) and m.
 
         The anchors covering site y are y − h + 1 … y: the transposed window matrices (`_lr_matrices`)."""
-        m = lam.amax(dim=(1, 2, 3), keepdim=True)
-        e = torch.exp(lam - m)
         mats = _lr_matrices(self.lattice_size, tuple(self.lr_specs))
-        cover = _mat(mats["rows"], lam).transpose(-1, -2) @ e @ _mat(mats["cols"], lam).transpose(-1, -2)
-        n = lam.shape[1] * lam.shape[2] * lam.shape[3]
-        return torch.log(cover.sum(dim=1).clamp(min=1e-30)) + m[:, 0] - math.log(n)
+        cover = _mat(mats["rows"], e).transpose(-1, -2) @ e @ _mat(mats["cols"], e).transpose(-1, -2)
+        return torch.log(cover.sum(dim=1).clamp(min=1e-30)).to(m.dtype) + m[:, 0] - math.log(e[0].numel())
 
     def _scan_site(self, u: torch.Tensor) -> torch.Tensor:
         maps = []
@@ -536,25 +542,37 @@ class AnomalyHead(nn.Module):
 
     def _evaluate(self, r: _Rows, x: _Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(score [B], map [B, L, L]) with each row's calibration `r`."""
-        lam, big, zs, gz = self.levels(r, x)
+        mix, big, zs, gz = self.levels(r, x)
         gm, gs = r.group_mean, r.group_std
         ns, ng = zs.shape[1], gz.shape[1]
         u_scan = (zs - gm[:, :ns, None, None]) / gs[:, :ns, None, None]
         u_glob = ((gz - gm[:, ns : ns + ng]) / gs[:, ns : ns + ng]).amax(dim=1)
-        m_lr, s_lr = gm[:, -1], gs[:, -1]
-        # Each group's standardised evidence as a weighted normal tail: −log p + log(prior share).
+        m_lr, s_lr = gm[:, -1:], gs[:, -1:]
+        # Each group's standardised evidence as a weighted normal tail: −log p + log(prior share). All of it
+        # goes through one neg_log_tail (and one tail_to_z below): ~25 graph nodes each, so one evaluation
+        # on the stacked pieces instead of four is visibly faster for a single lattice.
+        n = self.lattice_size**2
+        u = torch.cat(
+            [
+                (self._lr_site(*mix).flatten(1) - m_lr) / s_lr,
+                self._scan_site(u_scan).flatten(1),
+                (big[:, None] - m_lr) / s_lr,
+                u_glob[:, None],
+            ],
+            dim=1,
+        )
         w_lr, w_other = math.log(LR_SHARE), math.log((1.0 - LR_SHARE) / (ns + ng))
-        e_big = neg_log_tail((big - m_lr) / s_lr) + w_lr
-        e_lr_site = neg_log_tail((self._lr_site(lam) - m_lr[:, None, None]) / s_lr[:, None, None]) + w_lr
-        site = torch.maximum(e_lr_site, neg_log_tail(self._scan_site(u_scan)) + w_other)
-        e_glob = neg_log_tail(u_glob) + w_other
-        raw = tail_to_z(torch.maximum(torch.maximum(site.amax(dim=(-2, -1)), e_big), e_glob))
+        prior = torch.tensor([w_lr] * n + [w_other] * n + [w_lr, w_other], dtype=u.dtype)
+        e = neg_log_tail(u) + prior
+        site = torch.maximum(e[:, :n], e[:, n : 2 * n])  # [B, L²]
+        best = torch.maximum(site.amax(dim=1), e[:, 2 * n :].amax(dim=1))
+        z = tail_to_z(torch.cat([site, best[:, None]], dim=1))
         # The map in the score's units: a site's value is the score the local evidence covering it would
         # give alone. Lattice-wide evidence (noise everywhere, a frozen lattice) shows in the score only:
         # flooring the map with it would erase the place of a local defect.
-        mm, ms = r.max_mean, r.max_std
-        score = (raw - mm) / ms
-        site = (tail_to_z(site) - mm[:, None, None]) / ms[:, None, None]
+        mm, ms = r.max_mean[:, None], r.max_std[:, None]
+        z = (z - mm) / ms
+        score, site = z[:, -1], z[:, :n].reshape(-1, self.lattice_size, self.lattice_size)
         return score, site
 
     def _both(
@@ -572,14 +590,14 @@ class AnomalyHead(nn.Module):
         x = self.inputs(theta, theta_hat, sigma)
         # The energy is recomputed here in float64 (callers' argument stays for the API): the energy-indexed
         # tables are steep at low T, and a float32 energy moved the score by ~1e-4 between runtimes.
-        rows = _Rows.of(self.by_energy, physics.energy_per_site(theta))
+        packed = self.by_energy.read(physics.energy_per_site(theta))
         if temperature is not None and self.by_temperature is not None:
             t = temperature.to(theta.dtype).reshape(-1).expand(theta.shape[0])
             known = (t > 0) & ~torch.isnan(t)  # NaN or ≤ 0: unknown → energy-indexed table
             t_safe = torch.where(known, t, torch.ones_like(t))
             # Pick each row's calibration first, then evaluate the windows once (not once per table).
-            rows = _Rows.of(self.by_temperature, t_safe).where(known, rows)
-        score, site = self._evaluate(rows, x)
+            packed = torch.where(known[:, None], self.by_temperature.read(t_safe), packed)
+        score, site = self._evaluate(_Rows.unpack(packed, self.by_energy.sizes), x)
         return score.to(out_dtype), site.to(out_dtype)
 
     def forward(
