@@ -15,7 +15,15 @@ import torch
 from hgvae.contract import TEMPERATURE_INPUT
 from training import physics
 from training.anomaly import Calibration, calibrate
-from training.export import INPUT_NAME, OUTPUT_NAMES, ScoringGraph, export_onnx, output_differences, run_onnx
+from training.export import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    ScoringGraph,
+    export_onnx,
+    output_differences,
+    run_onnx,
+    scoring_graph_from_onnx,
+)
 from training.model import XYVAE, ModelConfig
 from training.train import Hyper, fit, tiny_dataset
 
@@ -95,6 +103,17 @@ def test_parity_torch_vs_onnxruntime(exported: tuple[ScoringGraph, Path]) -> Non
     assert set(diffs) == set(CONTRACT)
     bad = {k: v for k, v in diffs.items() if v > 1e-4}
     assert not bad, bad
+
+
+def test_graph_rebuilt_from_the_onnx_file_scores_identically(exported: tuple[ScoringGraph, Path]) -> None:
+    """A trained model can be re-exported (e.g. with a new anomaly head) from its ONNX file alone."""
+    graph, path = exported
+    rebuilt = scoring_graph_from_onnx(path)
+    assert rebuilt.anomaly.calibration_json == graph.anomaly.calibration_json
+    x = tiny_dataset(L=8, temperatures=4, samples=4, seed=9).angles
+    again = rebuilt.score(x, temperature=0.7)
+    for name, value in graph.score(x, temperature=0.7).items():
+        np.testing.assert_array_equal(again[name], value, err_msg=name)
 
 
 def test_physics_head_matches_reference_observables(exported: tuple[ScoringGraph, Path]) -> None:
