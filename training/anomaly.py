@@ -23,9 +23,12 @@ lattice at nominal high T is only anomalous given T). Without T (None, NaN or �
 energy per site stands in: β = 1/T̂(e) and the tables are indexed by e. Both tables are in the graph.
 
 Combination: each statistic's evidence is standardised by its normal mean/spread at τ (T or e) — for
-the scans, of its lattice maximum — the map is per site the largest of these (for Λ: the mixture
-restricted to the windows covering the site), and the score is the largest of the map, Λ and the
-global statistics, z-scored once more against normal data at τ. The map carries the local evidence
+the scans, of its lattice maximum — and read as a tail probability p of an extreme-value (Gumbel)
+law with that mean and spread (every group is a maximum over windows and places, Λ a soft one: a
+normal tail claimed several times too many nats and let the small groups decide the false alarms);
+the evidence is −log p + log(prior share) (Λ gets LR_SHARE). The map is per site the largest of
+these (for Λ: the mixture restricted to the windows covering the site), and the score is the largest
+of the map, Λ and the global statistics, z-scored once more against normal data at τ. The map carries the local evidence
 only (a lattice-wide anomaly raises the score, not the map), in the score's units.
 """
 
@@ -70,6 +73,25 @@ def neg_log_tail(u: torch.Tensor) -> torch.Tensor:
     upper = math.log(2.0) - log_erfc  # u ≥ 0: P = erfc/2
     lower = -torch.log(1.0 - 0.5 * torch.exp(log_erfc))  # u < 0: P = 1 − erfc/2
     return torch.where(u >= 0, upper, lower)
+
+
+EULER_GAMMA = 0.5772156649015329
+
+
+def gumbel_neg_log_tail(u: torch.Tensor) -> torch.Tensor:
+    """−log P(G > u) for G Gumbel-distributed with mean 0 and spread 1 (u already standardised), ONNX-exportable.
+
+    Every evidence group is a maximum (or a log-sum-exp, a soft maximum) over many windows and places, so
+    its normal-data level has an extreme-value right tail, not a normal one. Read as normal tails, the
+    standardised levels claimed p ≈ 3e-5 where normal data give 1e-2 (measured at L = 16 and 32: the global
+    statistics exceeded −log p = 4 in 19% of normal lattices instead of 1.8%), so the groups with the
+    smallest prior share decided half of the top false alarms. A Gumbel with the same mean and spread puts
+    the shares back where the priors say (P(−log p > 4) within ~1.5× of nominal for every group).
+    """
+    y = (math.pi / math.sqrt(6.0)) * u + EULER_GAMMA  # the Gumbel's reduced variable
+    t = torch.exp(-y.clamp(min=-30.0))  # −log P = −log(1 − exp(−t))
+    direct = -torch.log(1.0 - torch.exp(-t.clamp(min=1e-6)))  # float64 (the head's dtype): no expm1 in ONNX
+    return torch.where(t < 1e-6, y + 0.5 * t, direct)  # far tail: −log(t − t²/2) = y + t/2 + O(t²)
 
 
 def tail_to_z(nlp: torch.Tensor) -> torch.Tensor:
@@ -496,12 +518,13 @@ class AnomalyHead(nn.Module):
         u_scan = (zs - gm[:, :ns, None, None]) / gs[:, :ns, None, None]
         u_glob = ((gz - gm[:, ns : ns + ng]) / gs[:, ns : ns + ng]).amax(dim=1)
         m_lr, s_lr = gm[:, -1], gs[:, -1]
-        # Each group's standardised evidence as a weighted normal tail: −log p + log(prior share).
+        # Each group's standardised evidence as a weighted extreme-value tail: −log p + log(prior share).
         w_lr, w_other = math.log(LR_SHARE), math.log((1.0 - LR_SHARE) / (ns + ng))
-        e_big = neg_log_tail((big - m_lr) / s_lr) + w_lr
-        e_lr_site = neg_log_tail((self._lr_site(lam) - m_lr[:, None, None]) / s_lr[:, None, None]) + w_lr
-        site = torch.maximum(e_lr_site, neg_log_tail(self._scan_site(u_scan)) + w_other)
-        e_glob = neg_log_tail(u_glob) + w_other
+        tail = gumbel_neg_log_tail
+        e_big = tail((big - m_lr) / s_lr) + w_lr
+        e_lr_site = tail((self._lr_site(lam) - m_lr[:, None, None]) / s_lr[:, None, None]) + w_lr
+        site = torch.maximum(e_lr_site, tail(self._scan_site(u_scan)) + w_other)
+        e_glob = tail(u_glob) + w_other
         raw = tail_to_z(torch.maximum(torch.maximum(site.amax(dim=(-2, -1)), e_big), e_glob))
         # The map in the score's units: a site's value is the score the local evidence covering it would
         # give alone. Lattice-wide evidence (noise everywhere, a frozen lattice) shows in the score only:
