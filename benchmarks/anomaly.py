@@ -79,7 +79,9 @@ def main() -> int:
     ap.add_argument("--oracle-data", default=None, help="normal configurations for the oracle (default: --data)")
     ap.add_argument("--every", type=int, default=1, help="use every n-th temperature (default all)")
     ap.add_argument("--copies", type=int, default=2, help="defective copies per normal configuration")
-    ap.add_argument("--extra-copies", type=int, default=None, help="copies for the unnamed and invariant kinds (default --copies)")
+    ap.add_argument(
+        "--extra-copies", type=int, default=None, help="copies for the unnamed and invariant kinds (default --copies)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write every number to this JSON file")
     args = ap.parse_args()
