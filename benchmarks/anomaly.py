@@ -12,7 +12,7 @@ everywhere, a frozen lattice at nominal T, a flipped patch, a twist); (3) transf
 anomalies (global rotation, reflection θ → −θ): AUROC should stay near 0.5.
 
     PYTHONPATH=. python benchmarks/anomaly.py --model M.onnx --data /work/data/xy_L16_T32_test.npz
-        [--every 1] [--copies 2] [--oracle-data /work/data/xy_L16_T32.npz]
+        [--every 1] [--copies 2] [--extra-copies N] [--oracle-data /work/data/xy_L16_T32.npz]
 """
 
 from __future__ import annotations
@@ -79,10 +79,14 @@ def main() -> int:
     ap.add_argument("--oracle-data", default=None, help="normal configurations for the oracle (default: --data)")
     ap.add_argument("--every", type=int, default=1, help="use every n-th temperature (default all)")
     ap.add_argument("--copies", type=int, default=2, help="defective copies per normal configuration")
+    ap.add_argument(
+        "--extra-copies", type=int, default=None, help="copies for the unnamed and invariant kinds (default --copies)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write every number to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    extra_copies = args.extra_copies or args.copies
     t0 = time.perf_counter()
 
     ds = load_dataset(args.data, require_temperature=True)
@@ -135,7 +139,7 @@ def main() -> int:
 
     print("\n## unnamed kinds (default size) — min / mean AUROC over T")
     for kind in defects.EXTRA_KINDS + defects.PROBE_KINDS:
-        ours = our_auroc(args.model, angles, temps, kind, None, args.copies, args.seed)
+        ours = our_auroc(args.model, angles, temps, kind, None, extra_copies, args.seed)
         result["extra"][kind] = ours
         lo = {m: min(v.values()) for m, v in ours.items()}
         mean = {m: float(np.mean(list(v.values()))) for m, v in ours.items()}
@@ -146,7 +150,7 @@ def main() -> int:
         sys.stdout.flush()
     print("\n## not anomalies (should be ~0.5: the XY model is symmetric under these)")
     for kind in defects.INVARIANT_KINDS:
-        ours = our_auroc(args.model, angles, temps, kind, None, args.copies, args.seed)
+        ours = our_auroc(args.model, angles, temps, kind, None, extra_copies, args.seed)
         result["invariant"][kind] = ours
         hi = {m: max(v.values()) for m, v in ours.items()}
         mean = {m: float(np.mean(list(v.values()))) for m, v in ours.items()}
