@@ -285,8 +285,9 @@ def lr_parts(theta: torch.Tensor, specs: list[tuple[str, int, int]]) -> tuple[to
     would lose the O(1) likelihood ratio to cancellation. All windows at once, as batched matrix products
     (`_lr_matrices`); `window_bonds` is the per-window reference.
     """
-    L, n_dead = int(theta.shape[-1]), _dead_then_ring(tuple(specs))  # constants of a model's graph
-    m = {k: _mat(v, theta) for k, v in _lr_matrices(L, tuple(specs)).items()}
+    mats = _lr_matrices(int(theta.shape[-1]), tuple(specs))  # constants of a model's graph
+    n_dead = len(specs) - len(mats["perimeter"])
+    m = {k: _mat(v, theta) for k, v in mats.items()}
     rows, cols = m["rows"][:, None], m["cols"][:, None]  # [S, 1, L, L]
     dx, dy = physics.bond_differences(theta)
     cx, cy = 2.0 * torch.sin(0.5 * dx).square(), 2.0 * torch.sin(0.5 * dy).square()
@@ -610,13 +611,15 @@ class AnomalyHead(nn.Module):
         score, site = z[:, -1], z[:, :n].reshape(-1, self.lattice_size, self.lattice_size)
         return score, site
 
-    def _both(
+    def forward(
         self,
         theta: torch.Tensor,
         theta_hat: torch.Tensor,
         sigma: torch.Tensor,
-        temperature: torch.Tensor | None,
+        energy: torch.Tensor,
+        temperature: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly_score [B], anomaly_map [B, L, L]); `temperature` [B] or [1], NaN/≤ 0 = unknown."""
         # The head runs in float64 (inside the ONNX graph too) and returns the caller's dtype: z-scores of
         # lattice means with spreads ~0.01 and likelihood ratios ~10³ at low T turned float32 rounding into
         # 1e-4 differences between torch and onnxruntime. The cost is small next to the network.
@@ -635,17 +638,6 @@ class AnomalyHead(nn.Module):
         score, site = self._evaluate(_Rows.unpack(packed, self.by_energy.sizes), x)
         return score.to(out_dtype), site.to(out_dtype)
 
-    def forward(
-        self,
-        theta: torch.Tensor,
-        theta_hat: torch.Tensor,
-        sigma: torch.Tensor,
-        energy: torch.Tensor,
-        temperature: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(anomaly_score [B], anomaly_map [B, L, L]); `temperature` [B] or [1], NaN/≤ 0 = unknown."""
-        return self._both(theta, theta_hat, sigma, temperature)
-
     def local_map(
         self,
         theta: torch.Tensor,
@@ -655,7 +647,7 @@ class AnomalyHead(nn.Module):
         temperature: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The map (local evidence only; kept for callers of the earlier API where the map had a global floor)."""
-        return self._both(theta, theta_hat, sigma, temperature)[1]
+        return self(theta, theta_hat, sigma, energy, temperature)[1]
 
 
 def _kernel_weights(e: np.ndarray, grid: np.ndarray, width: float) -> np.ndarray:
