@@ -25,7 +25,9 @@ def store(tmp_path_factory):
     return real_store(tmp_path_factory)  # a real champion in HGVAE_HOME/mlflow.db
 
 
-def test_second_start_reuses_the_champion_and_prints_a_client_command(store):
+def test_second_start_reuses_the_champion_and_prints_a_client_command(store, tmp_path):
+    import numpy as np
+
     from service.client import ScoringClient
 
     proc = subprocess.Popen(
@@ -49,6 +51,17 @@ def test_second_start_reuses_the_champion_and_prints_a_client_command(store):
         with ScoringClient(m.group(1)) as c:
             r = c.score(x, outputs=["anomaly_score"])
         assert abs(r["anomaly_score"] - reference(store.onnx_path, x)["anomaly_score"]).max() <= 1e-5
+        # The printed commands are pasted as they are into another shell (its own directory).
+        pasted = [line.strip() for line in out if " score --server " in line or " -c " in line]
+        assert len(pasted) == 2, text
+        for command in pasted:
+            env = _env(store.home)
+            done = subprocess.run(command, shell=True, capture_output=True, text=True, env=env, cwd=tmp_path)
+            assert done.returncode == 0, (command, done.stderr)
+        with np.load(tmp_path / "scores.npz") as scores:
+            n = len(scores["anomaly_score"])
+            assert n > 0 and scores["theta"].shape == (n, store.lattice_size, store.lattice_size)
+            assert np.isfinite(scores["energy"]).all()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         err = proc.stderr.read()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -146,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace, tracking_uri: str) -> int:
     import asyncio
-    import shlex
 
     from service.logs import configure
     from service.server import ScoringServer
@@ -167,9 +168,10 @@ def serve(args: argparse.Namespace, tracking_uri: str) -> int:
         size = served.model.metadata.lattice_size  # type: ignore[union-attr]
         address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{server.port}"
         data = default_data_path(size)
-        score = f"hgvae score --server {address} --input {shlex.quote(data)} --output scores.npz --force"
+        hgvae = _command("hgvae") or f"{_command('python')} -m hgvae"
+        score = f"{hgvae} score --server {address} --input {shlex.quote(data)} --output scores.npz --force"
         if not os.path.exists(data):  # champion trained elsewhere: make matching data first
-            score = f"hgvae simulate --size {size} --samples 16 --out {shlex.quote(data)} && {score}"
+            score = f"{hgvae} simulate --size {size} --samples 16 --out {shlex.quote(data)} && {score}"
         snippet = (
             "import numpy as np; from service.client import ScoringClient; "
             f"c = ScoringClient('{address}'); "
@@ -177,8 +179,19 @@ def serve(args: argparse.Namespace, tracking_uri: str) -> int:
         )
         print(
             f"\nhgvae is serving models:/hgvae@{ALIAS} (version {served.version}, L={size}) on {address}.\n"
-            f'Try, in another terminal:\n\n  {score}\n\n  python -c "{snippet}"\n\nCtrl-C stops it.',
+            f'Try, in another terminal:\n\n  {score}\n\n  {_command("python")} -c "{snippet}"\n\nCtrl-C stops it.',
             flush=True,
         )
 
     return asyncio.run(serve_forever(settings, on_ready=ready))
+
+
+def _command(name: str) -> str | None:
+    """How another terminal calls this installation's `name`: the bare name when PATH finds this one,
+    else its full path (on a fresh machine `make run` works from .venv/bin, which is not on PATH);
+    None when this installation has no such script."""
+    here = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), name)
+    if not os.path.exists(here):
+        return sys.executable if name == "python" else None
+    found = shutil.which(name)
+    return name if found and os.path.abspath(found) == here else shlex.quote(here)
