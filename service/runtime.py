@@ -6,11 +6,16 @@ ONNX graph itself (input/output specs and `metadata_props`), so a model file is 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import json
 import logging
 import math
 import os
+import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,35 +123,65 @@ def _session_options(intra_op_threads: int, quiet: bool = False) -> Any:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Errors only: onnxruntime's C++ warnings are not structured log lines, and every hgvae graph since the
     # optional `temperature` input triggers one at load ("Initializer temperature appears in graph inputs").
-    so.log_severity_level = 3
+    # Fatal only (quiet) for the CUDA attempt, whose failure is expected and logged by us as one line.
+    so.log_severity_level = 4 if quiet else 3
     return so
 
 
+def provider_library_error(capi: Path) -> str | None:
+    """The dynamic loader's message when onnxruntime's CUDA provider library, or one it needs (CUDA,
+    cuDNN, the driver's libcuda), cannot be loaded from the folder `capi`; None when it loads."""
+    lib = capi / ("onnxruntime_providers_cuda.dll" if sys.platform == "win32" else "libonnxruntime_providers_cuda.so")
+    if not lib.is_file():
+        return f"{lib.name} is missing from this onnxruntime build"
+    try:
+        ctypes.CDLL(str(lib))
+    except OSError as exc:
+        return f"{lib.name} does not load: {exc}"
+    return None
+
+
+def cuda_unusable_reason(ort: Any) -> str | None:
+    """Why the CUDA provider cannot run in this process, found without onnxruntime's own error lines (it
+    logs a red multi-line ERROR for every failed provider load); None when it may run."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider"
+    # `pip install onnxruntime-gpu[cuda,cudnn]` brings CUDA and cuDNN as nvidia-* wheels, which must be loaded
+    # before the provider; preload_dlls prints (never raises) what it cannot find, and the probe below says it.
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), contextlib.suppress(Exception):
+            warnings.simplefilter("ignore")
+            ort.preload_dlls()
+    return provider_library_error(Path(ort.__file__).parent / "capi")
+
+
 def create_session(path: str | Path, device: str = "auto", intra_op_threads: int = 0) -> Any:
-    """An InferenceSession on CUDA when that provider actually loads, else on CPU, without error spam."""
+    """An InferenceSession on CUDA when that provider actually runs, else on CPU; one log line says which
+    and why, and onnxruntime's own error lines about the failed CUDA attempt stay out of the log."""
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)  # no warnings about provider fallbacks or node placement
-    available = ort.get_available_providers()
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        try:
-            sess = ort.InferenceSession(
-                str(path),
-                _session_options(intra_op_threads, quiet=True),
-                providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-            )
-            if sess.get_providers()[0] == "CUDAExecutionProvider":
-                return sess
-            reason = "CUDA provider did not load (missing CUDA/cuDNN libraries or no GPU)"
-        except Exception as exc:  # a broken CUDA install must not stop a CPU server
-            reason = f"CUDA provider failed: {exc}"
+    ort.set_default_logger_severity(3)  # no warnings about node placement
+    if device in ("auto", "cuda"):
+        reason = cuda_unusable_reason(ort)
+        if reason is None:  # the libraries load; a missing or busy GPU still fails inside the session
+            ort.set_default_logger_severity(4)
+            try:
+                sess = ort.InferenceSession(
+                    str(path),
+                    _session_options(intra_op_threads, quiet=True),
+                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                )
+                if sess.get_providers()[0] == "CUDAExecutionProvider":
+                    log.info("using CUDAExecutionProvider")
+                    return sess
+                reason = "the CUDA provider did not initialise (no usable GPU)"
+            except Exception as exc:  # a broken CUDA install must not stop a CPU server
+                reason = f"the CUDA provider failed: {exc}"
+            finally:
+                ort.set_default_logger_severity(3)
         if device == "cuda":
             raise ModelLoadError(f"--device cuda requested but {reason}")
         log.info("using CPUExecutionProvider", extra={"reason": reason})
-    elif device == "cuda":
-        raise ModelLoadError(f"--device cuda requested but onnxruntime offers only {available}")
-    elif device == "auto":
-        log.info("using CPUExecutionProvider", extra={"reason": "this onnxruntime build has no CUDA provider"})
     try:
         return ort.InferenceSession(str(path), _session_options(intra_op_threads), providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -338,10 +338,12 @@ def test_service_images_are_non_root_torch_free_and_health_checked(name: str) ->
         if op == "COPY" and "--from" not in args:
             for src in args.split()[:-1]:
                 assert (ROOT / src).exists(), f"{name}: COPY source {src} missing"
+    assert final[0][1].split()[0] in ("python:${PYTHON_VERSION}-slim",)
     if name == "Dockerfile.cuda":
-        assert "onnxruntime-gpu" in runs and "cudnn" in steps[0][1] + " ".join(a for o, a in steps if o == "ARG")
-    else:
-        assert final[0][1].split()[0] in ("python:${PYTHON_VERSION}-slim",)
+        # CUDA and cuDNN come as the pinned onnxruntime-gpu's own extras (matching CUDA major), installed
+        # after the CPU build that [serve] brings is removed (both ship the `onnxruntime` module)
+        assert re.search(r"pip uninstall -y onnxruntime .*onnxruntime-gpu\[cuda,cudnn\]==\$\{ORT_GPU_VERSION\}", runs)
+        assert any(op == "ARG" and re.fullmatch(r"ORT_GPU_VERSION=\d+\.\d+\.\d+", a) for op, a in steps)
 
 
 # ---------------------------------------------------------------------------------------- health check
