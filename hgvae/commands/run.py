@@ -89,11 +89,9 @@ def prepare(args: argparse.Namespace, tracking_uri: str) -> str:
     verdict = promote(REGISTERED_MODEL_NAME, result.version, alias=ALIAS, tracking_uri=tracking_uri)
     if not getattr(verdict, "passed", False):
         # The demo must end with something to serve; say plainly that a gate refused it.
-        print(
-            f"hgvae run: {verdict.summary() if hasattr(verdict, 'summary') else verdict}\n"
-            "hgvae run: promoting it anyway (--force) so the service has a model; train longer for a real one",
-            file=sys.stderr,
-        )
+        report = verdict.summary() if hasattr(verdict, "summary") else str(verdict)
+        for line in [*report.splitlines(), "promoting it anyway (--force) so the service has a model; train longer"]:
+            print(f"hgvae run: {line}", file=sys.stderr)
         promote(REGISTERED_MODEL_NAME, result.version, alias=ALIAS, force=True, tracking_uri=tracking_uri)
     return str(result.version)
 
