@@ -72,6 +72,33 @@ def test_every_source_kind_serves_the_same_numbers(tmp_path_factory):
         srv.stop()
 
 
+def test_two_lattice_sizes_served_at_once(tmp_path_factory):
+    """`--model` repeated with models of different L: each model takes its own size and refuses the other's."""
+    import grpc
+
+    from service.client import ScoringClient, ScoringError
+    from tests.contract_model import contract_onnx
+
+    store = real_store(tmp_path_factory)
+    big_size = 2 * store.lattice_size
+    big = contract_onnx(tmp_path_factory.mktemp("big") / "big.onnx", big_size)
+    srv = ServerThread(models=[f"small={store.onnx_path}", f"big={big}"])
+    try:
+        with ScoringClient(srv.address) as c:
+            sizes = {m["name"]: m["lattice_size"] for m in c.list_models()}
+            assert sizes == {"small": store.lattice_size, "big": big_size}
+            for name, size, path in (("small", store.lattice_size, store.onnx_path), ("big", big_size, big)):
+                x = lattices(2, size, seed=size)
+                r = c.score(x, model=name, outputs=["energy", "theta"])
+                assert r["theta"].shape == (2, size, size)
+                assert abs(r["energy"] - reference(path, x)["energy"]).max() <= 1e-5
+            with pytest.raises(ScoringError) as err:
+                c.score(lattices(1, big_size), model="small")
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and str(store.lattice_size) in str(err.value)
+    finally:
+        srv.stop()
+
+
 def test_startup_fails_clearly_on_unknown_alias_and_duplicate_names(tmp_path_factory):
     from service.errors import ModelLoadError
 
