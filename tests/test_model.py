@@ -29,13 +29,15 @@ def test_shapes_and_sigma_bounds(latent: str) -> None:
     cfg = ModelConfig(lattice_size=8, latent_dim=32 if latent == "spatial" else 6, width=8, latent=latent)
     m = XYVAE(cfg)
     x = torch.rand(5, 8, 8) * 40 - 20  # any real angle
-    mu, logvar, th, sg = m(x)
+    with torch.no_grad():
+        mu, logvar, th, sg = m(x)
     assert mu.shape == logvar.shape == (5, cfg.latent_dim)
     assert th.shape == sg.shape == (5, 8, 8)
     assert float(th.min()) >= 0 and float(th.max()) < 2 * math.pi + 1e-6
     assert float(sg.min()) >= cfg.sigma_min and float(sg.max()) <= cfg.sigma_max
     # Input is taken mod 2π: shifting by 2π changes nothing.
-    mu2, _, th2, _ = m(x + 2 * math.pi)
+    with torch.no_grad():
+        mu2, _, th2, _ = m(x + 2 * math.pi)
     assert torch.allclose(mu, mu2, atol=1e-4)
 
 
@@ -113,12 +115,12 @@ def test_loss_terms_and_lambda_zero_for_vae() -> None:
     terms = vae_loss(m, x, beta=1.0, lam=0.0, generator=torch.Generator().manual_seed(0))
     assert all(torch.isfinite(t) for t in (terms.total, terms.nll, terms.kl, terms.energy))
     n = 64
-    assert float(terms.total) == pytest.approx(float(terms.nll + terms.kl / n), rel=1e-5)
+    assert terms.total.item() == pytest.approx((terms.nll + terms.kl / n).item(), rel=1e-5)
     with_e = vae_loss(m, x, beta=1.0, lam=10.0, generator=torch.Generator().manual_seed(0))
-    assert float(with_e.total) == pytest.approx(float(with_e.nll + with_e.kl / n + 10 * with_e.energy), rel=1e-5)
+    assert with_e.total.item() == pytest.approx((with_e.nll + with_e.kl / n + 10 * with_e.energy).item(), rel=1e-5)
     with_v = vae_loss(m, x, beta=1.0, lam=10.0, generator=torch.Generator().manual_seed(0), vortex_weight=2.0)
-    expected = float(with_v.nll + with_v.kl / n + 10 * with_v.energy + 2 * with_v.vortex)
-    assert float(with_v.vortex) > 0 and float(with_v.total) == pytest.approx(expected, rel=1e-5)
+    expected = (with_v.nll + with_v.kl / n + 10 * with_v.energy + 2 * with_v.vortex).item()
+    assert with_v.vortex.item() > 0 and with_v.total.item() == pytest.approx(expected, rel=1e-5)
     # the vortex term reaches σ only, never the mean angles: θ̂'s head gets the same gradient without it
     grads = []
     for vw in (0.0, 2.0):
