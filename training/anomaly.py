@@ -638,17 +638,6 @@ class AnomalyHead(nn.Module):
         score, site = self._evaluate(_Rows.unpack(packed, self.by_energy.sizes), x)
         return score.to(out_dtype), site.to(out_dtype)
 
-    def local_map(
-        self,
-        theta: torch.Tensor,
-        theta_hat: torch.Tensor,
-        sigma: torch.Tensor,
-        energy: torch.Tensor,
-        temperature: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The map (local evidence only; kept for callers of the earlier API where the map had a global floor)."""
-        return self(theta, theta_hat, sigma, energy, temperature)[1]
-
 
 def _kernel_weights(e: np.ndarray, grid: np.ndarray, width: float) -> np.ndarray:
     """[G, N] normalised Gaussian-kernel weights of the samples at each grid point. Adaptive bandwidth:
