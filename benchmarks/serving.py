@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def latency_summary(latencies: list[float], elapsed: float, lattices_per_call: int = 1) -> dict[str, float]:
+    """Lattices/s and p50/p99 (ms) of timed calls."""
+    ms = np.array(latencies) * 1000
+    return {
+        "lattices_per_s": len(ms) * lattices_per_call / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+async def time_calls(call: Callable[[], Awaitable[object]], duration: float) -> dict[str, float]:
+    """Warm up, then one call after the other for `duration` seconds; their latency summary."""
+    for _ in range(20):
+        await call()
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        t = time.perf_counter()
+        await call()
+        latencies.append(time.perf_counter() - t)
+    return latency_summary(latencies, time.perf_counter() - t0)
+
+
 async def load(address: str, concurrency: int, batch: int, duration: float, server_pid: int) -> dict[str, float]:
     """`concurrency` callers in one asyncio client, each sending the next request when its answer arrives.
 
@@ -195,12 +219,9 @@ async def load(address: str, concurrency: int, batch: int, duration: float, serv
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
         server_cpu, client_cpu = cpu_seconds(server_pid) - server0, time.process_time() - client0
-    lat = np.array(latencies) * 1000
     return {
-        "lattices_per_s": len(lat) * batch / elapsed,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "requests": len(lat),
+        **latency_summary(latencies, elapsed, batch),
+        "requests": len(latencies),
         "server_cores": server_cpu / elapsed,
         "client_cores": client_cpu / elapsed,
         "load_avg": os.getloadavg()[0],
@@ -222,15 +243,6 @@ async def other_paths(address: str, duration: float) -> dict[str, dict[str, floa
     infer_request.inputs.add(name="lattice", datatype="FP32", shape=x.shape)
     infer_request.raw_input_contents.append(x.tobytes())
     out: dict[str, dict[str, float]] = {}
-
-    def summary(latencies: list[float], elapsed: float) -> dict[str, float]:
-        ms = np.array(latencies) * 1000
-        return {
-            "lattices_per_s": len(ms) / elapsed,
-            "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)),
-        }
-
     async with grpc.aio.insecure_channel(address) as channel:
         stream = channel.stream_stream(
             "/hgvae.v1.ScoringService/ScoreStream",
@@ -238,17 +250,12 @@ async def other_paths(address: str, duration: float) -> dict[str, dict[str, floa
             response_deserializer=None,
         )
         call = stream()
-        for _ in range(20):
+
+        async def ping_pong() -> object:
             await call.write(request)
-            await call.read()
-        latencies: list[float] = []
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < duration:
-            t = time.perf_counter()
-            await call.write(request)
-            await call.read()
-            latencies.append(time.perf_counter() - t)
-        out["stream ping-pong"] = summary(latencies, time.perf_counter() - t0)
+            return await call.read()
+
+        out["stream ping-pong"] = await time_calls(ping_pong, duration)
         await call.done_writing()
 
         call = stream()
@@ -263,26 +270,20 @@ async def other_paths(address: str, duration: float) -> dict[str, dict[str, floa
                 await call.write(request)
             await call.done_writing()
 
-        latencies, t0 = [], time.perf_counter()
+        latencies: list[float] = []
+        t0 = time.perf_counter()
         writing = asyncio.ensure_future(writer())
         async for _ in call:  # answers come in request order
             latencies.append(time.perf_counter() - sent[len(latencies)])
             in_flight.release()
         await writing
-        out[f"stream pipelined {PIPELINE_DEPTH}"] = summary(latencies, time.perf_counter() - t0)
+        out[f"stream pipelined {PIPELINE_DEPTH}"] = latency_summary(latencies, time.perf_counter() - t0)
 
         infer = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer", request_serializer=None, response_deserializer=None
         )
         payload = infer_request.SerializeToString()
-        for _ in range(20):
-            await infer(payload)
-        latencies, t0 = [], time.perf_counter()
-        while time.perf_counter() - t0 < duration:
-            t = time.perf_counter()
-            await infer(payload)
-            latencies.append(time.perf_counter() - t)
-        out["V2 ModelInfer"] = summary(latencies, time.perf_counter() - t0)
+        out["V2 ModelInfer"] = await time_calls(lambda: infer(payload), duration)
     return out
 
 
