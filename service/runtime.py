@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import json
 import logging
@@ -141,17 +142,23 @@ def provider_library_error(capi: Path) -> str | None:
     return None
 
 
+@functools.cache
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Once per process (every model load and registry promotion asks): `pip install
+    onnxruntime-gpu[cuda,cudnn]` brings CUDA and cuDNN as nvidia-* wheels, which must be loaded before the
+    provider; preload_dlls prints (never raises) what it cannot find, and the provider probe says it."""
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), contextlib.suppress(Exception):
+            warnings.simplefilter("ignore")
+            ort.preload_dlls()
+
+
 def cuda_unusable_reason(ort: Any) -> str | None:
     """Why the CUDA provider cannot run in this process, found without onnxruntime's own error lines (it
     logs a red multi-line ERROR for every failed provider load); None when it may run."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return "this onnxruntime build has no CUDA provider"
-    # `pip install onnxruntime-gpu[cuda,cudnn]` brings CUDA and cuDNN as nvidia-* wheels, which must be loaded
-    # before the provider; preload_dlls prints (never raises) what it cannot find, and the probe below says it.
-    if hasattr(ort, "preload_dlls"):
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), contextlib.suppress(Exception):
-            warnings.simplefilter("ignore")
-            ort.preload_dlls()
+    _preload_cuda_libraries(ort)
     return provider_library_error(Path(ort.__file__).parent / "capi")
 
 
